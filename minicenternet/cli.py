@@ -1,0 +1,151 @@
+"""Command line: ``minicenternet train | evaluate | predict | data``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .evaluate import format_table
+    from .train import default_config, train
+
+    overrides = {
+        name: getattr(args, name)
+        for name in ("arch", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed")
+        if getattr(args, name) is not None
+    }
+    if args.dcn is not None:
+        overrides["dcn"] = args.dcn
+    cfg = replace(default_config(args.device), **overrides)
+    print(
+        f"training {cfg.arch} CenterNet (dcn={cfg.dcn}) on {cfg.data or 'the shapes dataset'}: "
+        f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.input_size}x{cfg.input_size}, lr {cfg.lr}, "
+        f"device {cfg.device}, run folder {cfg.out}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    metrics = train(cfg, resume=args.resume)
+    print(f"finished in {(time.perf_counter() - start) / 60:.1f} min; COCO box AP of {cfg.out}/best.pt on val:")
+    print(format_table(metrics))
+
+
+def _detector(args: argparse.Namespace):
+    from .predict import Detector
+
+    return Detector.from_checkpoint(
+        args.checkpoint, device=args.device, input_size=args.input_size, flip=args.flip,
+        score_threshold=getattr(args, "threshold", 0.0),
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .data.coco import CocoDetection
+    from .data.shapes import ensure_shapes
+    from .evaluate import evaluate, format_table
+
+    root = Path(args.data) if args.data else ensure_shapes()
+    dataset = CocoDetection.from_root(root, args.split)
+    metrics = evaluate(_detector(args), dataset)
+    print(f"COCO box AP of {args.checkpoint} on {root} ({args.split}, {len(dataset)} images):")
+    print(format_table(metrics))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import cv2
+
+    from .data.coco import read_image
+    from .viz import render_detections
+
+    detector = _detector(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path, prediction in zip(args.images, detector(args.images)):
+        image = read_image(path)
+        drawn = render_detections(image, prediction, detector.class_names)
+        target = out / f"{Path(path).stem}_pred.png"
+        cv2.imwrite(str(target), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+        names = detector.class_names or []
+        results.append(
+            {
+                "image": str(path),
+                "output": str(target),
+                "detections": [
+                    {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label,
+                     "name": names[label] if label < len(names) else str(label)}
+                    for box, score, label in zip(
+                        prediction["boxes"].tolist(), prediction["scores"].tolist(), prediction["labels"].tolist()
+                    )
+                ],
+            }
+        )
+        print(f"{path}: {len(prediction['boxes'])} detections -> {target}")
+    (out / "predictions.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out / 'predictions.json'}")
+
+
+def _data(args: argparse.Namespace) -> None:
+    from .data.shapes import ShapesConfig, default_data_root, ensure_shapes
+
+    cfg = ShapesConfig(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed)
+    root = ensure_shapes(Path(args.out) if args.out else default_data_root() / "shapes", cfg)
+    print(f"shapes dataset ready in {root}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minicenternet", description="Train and run CenterNet.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a CenterNet (default: ResNet-18 on the shapes dataset)")
+    train.add_argument("--arch", help="resnet18 (default) or resnet101")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--input-size", type=int, help="square input side, divisible by 32")
+    train.add_argument("--data", help="COCO-layout folder (annotations/instances_{train,val}.json, train/, val/)")
+    train.add_argument("--device", help="cuda, cpu or mps (default: the best available)")
+    train.add_argument("--out", help="run folder (default runs/shapes)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--dcn", action=argparse.BooleanOptionalAction, default=None, help="DCNv2 upsampling")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.set_defaults(func=_train)
+
+    for name, func, text in (("evaluate", _evaluate, "COCO AP of a checkpoint"), ("predict", _predict, "detect objects in images")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt")
+        p.add_argument("--device")
+        p.add_argument("--input-size", type=int, help="fixed square input (default: original resolution, padded)")
+        p.add_argument("--flip", action="store_true", help="flip test")
+        p.set_defaults(func=func)
+    sub.choices["evaluate"].add_argument("--data", help="COCO-layout folder (default: shapes)")
+    sub.choices["evaluate"].add_argument("--split", default="val")
+    sub.choices["predict"].add_argument("images", nargs="+", help="image files")
+    sub.choices["predict"].add_argument("--out", default="predictions", help="folder for drawn images and JSON")
+    sub.choices["predict"].add_argument("--threshold", type=float, default=0.3, help="minimum score")
+
+    data = sub.add_parser("data", help="prepare datasets")
+    data_sub = data.add_subparsers(dest="dataset", required=True)
+    shapes = data_sub.add_parser("shapes", help="generate the synthetic shapes dataset")
+    shapes.add_argument("--out", help="folder (default: data/shapes)")
+    shapes.add_argument("--num-train", type=int, default=3000)
+    shapes.add_argument("--num-val", type=int, default=300)
+    shapes.add_argument("--image-size", type=int, default=256)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.set_defaults(func=_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``minicenternet`` console script."""
+    args = _parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Training samples for CenterNet: read, crop and flip an image, then encode its targets.
+
+This is the reference ``ctdet`` loader: a random affine crop (scale x0.6 ... x1.3, centre drawn
+away from the borders) and a horizontal flip, the same affine map applied to the boxes at the
+output stride, then :func:`minicenternet.targets.encode_centernet`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..targets import encode_centernet
+from .coco import CocoDetection, ImageReadError, Record
+from .transforms import affine_matrix, apply_affine_to_boxes, hflip_image_and_boxes, random_crop_params, warp_image
+
+__all__ = ["CenterNetDataset", "OUTPUT_STRIDE"]
+
+OUTPUT_STRIDE = 4
+
+
+class CenterNetDataset(Dataset):
+    """Network inputs and CenterNet targets from a :class:`CocoDetection`.
+
+    Args:
+        source: the images and boxes.
+        input_size: ``(H, W)`` of the network input, divisible by 32.
+        train: random crop and flip when ``True``; centred, unflipped resize otherwise.
+        max_objects: ``K`` of the target arrays.
+        scale_range: range of the random scale factor (reference: 0.6 to 1.3 in steps of 0.1).
+        flip_prob: probability of a horizontal flip (reference: 0.5).
+
+    Each item is ``(image (3, H, W) uint8 RGB, targets)`` with ``targets`` the tensors of
+    :func:`encode_centernet` at ``(H/4, W/4)``. An unreadable image is reported once and
+    replaced by the next readable one, so one bad file never stops a long run.
+    """
+
+    def __init__(
+        self,
+        source: CocoDetection,
+        input_size: tuple[int, int],
+        train: bool = True,
+        max_objects: int = 128,
+        scale_range: tuple[float, float] = (0.6, 1.4),
+        flip_prob: float = 0.5,
+    ) -> None:
+        if input_size[0] % 32 or input_size[1] % 32:
+            raise ValueError(f"input_size must be divisible by 32, got {input_size}")
+        self.source, self.input_size, self.train = source, tuple(input_size), train
+        self.max_objects, self.scale_range, self.flip_prob = max_objects, scale_range, flip_prob
+        self.output_size = (input_size[0] // OUTPUT_STRIDE, input_size[1] // OUTPUT_STRIDE)
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _read(self, index: int) -> Record:
+        for offset in range(len(self.source)):
+            try:
+                return self.source[(index + offset) % len(self.source)]
+            except ImageReadError as err:
+                if str(err) not in self._reported:
+                    self._reported.add(str(err))
+                    warnings.warn(f"skipping unreadable sample: {err}", stacklevel=2)
+        raise ImageReadError(f"{self.source.image_dir}: no readable image in the dataset")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        record = self._read(index)
+        image, boxes = record.image, record.boxes
+        height, width = image.shape[:2]
+        center, scale = np.array([width / 2, height / 2], dtype=np.float32), float(max(height, width))
+        if self.train:
+            rng = np.random.default_rng(int(torch.randint(2**62, ())))
+            center, scale = random_crop_params((height, width), rng, self.scale_range)
+            if rng.random() < self.flip_prob:
+                image, boxes = hflip_image_and_boxes(image, boxes)
+                center[0] = width - center[0] - 1
+        warped = warp_image(image, affine_matrix(center, scale, self.input_size), self.input_size)
+        out_boxes = apply_affine_to_boxes(boxes, affine_matrix(center, scale, self.output_size))
+        targets = encode_centernet(
+            out_boxes, record.labels, self.source.num_classes, self.output_size, self.max_objects
+        )
+        return torch.from_numpy(warped).permute(2, 0, 1).contiguous(), {k: torch.from_numpy(v) for k, v in targets.items()}

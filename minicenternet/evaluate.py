@@ -1,0 +1,67 @@
+"""COCO box AP through pycocotools ``COCOeval`` (the metric both papers report)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from .data.coco import CocoDetection
+from .predict import Detector
+
+__all__ = ["METRIC_NAMES", "coco_detections", "coco_eval", "evaluate", "format_table"]
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_detections(dataset: CocoDetection, index: int, prediction: dict) -> list[dict]:
+    """One image's prediction as COCO result entries (``xywh`` boxes, the file's category ids)."""
+    boxes = prediction["boxes"].tolist()
+    return [
+        {
+            "image_id": dataset.image_ids[index],
+            "category_id": dataset.cat_ids[int(label)],
+            "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "score": float(score),
+        }
+        for (x1, y1, x2, y2), score, label in zip(boxes, prediction["scores"].tolist(), prediction["labels"].tolist())
+    ]
+
+
+def coco_eval(dataset: CocoDetection, detections: list[dict], image_ids: list[int] | None = None) -> dict[str, float]:
+    """Run ``COCOeval`` (iouType ``bbox``) and return the six headline numbers.
+
+    Args:
+        dataset: the ground truth.
+        detections: COCO result entries (see :func:`coco_detections`).
+        image_ids: restrict the evaluation to these images (default: all of the dataset).
+    """
+    if not detections:
+        return dict.fromkeys(METRIC_NAMES, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = dataset.coco.loadRes(detections)
+        evaluator = COCOeval(dataset.coco, results, "bbox")
+        evaluator.params.imgIds = list(image_ids) if image_ids is not None else dataset.image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: max(0.0, float(value)) for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
+
+
+def evaluate(detector: Detector, dataset: CocoDetection, limit: int | None = None, progress: bool = True) -> dict[str, float]:
+    """Predict every image of ``dataset`` (or the first ``limit``) and compute COCO AP."""
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    detections: list[dict] = []
+    for index in tqdm(range(count), desc="evaluate", disable=not progress, leave=False):
+        prediction = detector(dataset.image_path(index))[0]
+        detections.extend(coco_detections(dataset, index, prediction))
+    return coco_eval(dataset, detections, dataset.image_ids[:count])
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """The metrics as a two-line table."""
+    header = " ".join(f"{name:>6}" for name in METRIC_NAMES)
+    values = " ".join(f"{metrics[name]:6.3f}" for name in METRIC_NAMES)
+    return f"{header}\n{values}"

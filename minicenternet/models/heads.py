@@ -1,0 +1,47 @@
+"""Prediction heads on the stride-4 feature map (CenterNet Sec. 4, "Implementation details").
+
+Each head is a 3x3 convolution, a ReLU and a 1x1 convolution. The heatmap head's last bias is
+``-2.19 = -log((1 - 0.1) / 0.1)``, so every pixel starts at a 0.1 object probability (the
+focal-loss prior of RetinaNet, used by CenterNet); the size and offset heads start near zero
+(weights ~ N(0, 0.001^2), biases 0), as in the reference ResNet code.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["HM_PRIOR_BIAS", "make_head", "CenterNetHeads"]
+
+HM_PRIOR_BIAS = -2.19
+
+
+def make_head(in_channels: int, head_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv (``head_channels``) -> ReLU -> 1x1 conv (``out_channels``), all with bias."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, head_channels, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(head_channels, out_channels, 1),
+    )
+
+
+class CenterNetHeads(nn.Module):
+    """The three CenterNet heads: ``hm`` (C classes), ``wh`` (2: w, h) and ``reg`` (2: dx, dy).
+
+    Shape:
+        ``(B, in_channels, H/4, W/4)`` -> ``{"hm": (B, C, H/4, W/4), "wh": (B, 2, H/4, W/4),
+        "reg": (B, 2, H/4, W/4)}``; ``hm`` holds logits.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, head_channels: int = 64) -> None:
+        super().__init__()
+        self.hm = make_head(in_channels, head_channels, num_classes)
+        self.wh = make_head(in_channels, head_channels, 2)
+        self.reg = make_head(in_channels, head_channels, 2)
+        nn.init.constant_(self.hm[-1].bias, HM_PRIOR_BIAS)
+        for head in (self.wh, self.reg):
+            for conv in head[0::2]:
+                nn.init.normal_(conv.weight, std=0.001)
+                nn.init.zeros_(conv.bias)
+
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        return {"hm": self.hm(features), "wh": self.wh(features), "reg": self.reg(features)}

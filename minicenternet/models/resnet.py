@@ -1,0 +1,115 @@
+"""CenterNet on a ResNet trunk (CenterNet Sec. 4: "ResNet ... with three up-convolutional layers").
+
+torchvision's ResNet-18 or ResNet-101 without its pooling and classifier gives a stride-32 map
+(512 or 2048 channels). Three stages bring it back to stride 4; each is a 3x3 modulated
+deformable convolution (or a plain 3x3 convolution with ``dcn=False``) that changes the channels
+to 256, 128 and 64, BN, ReLU, then a 4x4 stride-2 transposed convolution initialised to bilinear
+upsampling, BN, ReLU. The CenterNet heads sit on the final 64-channel map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from .heads import CenterNetHeads
+from .layers import conv3x3, fill_bilinear
+
+__all__ = ["ResNetCenterNet", "load_trunk_weights"]
+
+_TRUNKS = {
+    "resnet18": (torchvision.models.resnet18, "ResNet18_Weights", 512),
+    "resnet101": (torchvision.models.resnet101, "ResNet101_Weights", 2048),
+}
+UP_CHANNELS = (256, 128, 64)
+
+
+def _up_stage(in_channels: int, out_channels: int, dcn: bool) -> nn.Sequential:
+    up = nn.ConvTranspose2d(out_channels, out_channels, 4, stride=2, padding=1, bias=False)
+    fill_bilinear(up, "reference")
+    return nn.Sequential(
+        conv3x3(in_channels, out_channels, dcn),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        up,
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def load_trunk_weights(trunk: nn.Module, source: str | Path | bool, arch: str) -> None:
+    """Load ImageNet weights into a torchvision ResNet.
+
+    Args:
+        trunk: the torchvision ResNet.
+        source: a path to a saved ``state_dict`` (read with ``weights_only=True``; the ``fc.``
+            keys, if present, are ignored), or ``True`` for torchvision's ``IMAGENET1K_V1``
+            weights (downloaded by torchvision into its cache, so that needs a network once).
+        arch: ``"resnet18"`` or ``"resnet101"``.
+    """
+    if source is True:
+        weights = getattr(torchvision.models, _TRUNKS[arch][1]).IMAGENET1K_V1
+        state = weights.get_state_dict(progress=False)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights file not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = trunk.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(f"weights for {arch} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+class ResNetCenterNet(nn.Module):
+    """ResNet-18/101 CenterNet.
+
+    Args:
+        arch: ``"resnet18"`` or ``"resnet101"``.
+        num_classes: ``C``.
+        pretrained: ``False``, ``True`` (torchvision's ImageNet weights) or a path to a trunk
+            ``state_dict``.
+        dcn: deformable (DCNv2) or plain 3x3 convolutions in the upsampling stages.
+        head_channels: width of the heads' 3x3 convolution (64 in the paper for ResNet).
+
+    Shape:
+        ``(B, 3, H, W)`` with ``H, W`` divisible by 32 -> dict of ``(B, *, H/4, W/4)`` maps.
+
+    Example::
+
+        >>> model = ResNetCenterNet("resnet18", num_classes=5, dcn=False)
+        >>> {k: tuple(v.shape) for k, v in model(torch.zeros(1, 3, 128, 128)).items()}
+        {'hm': (1, 5, 32, 32), 'wh': (1, 2, 32, 32), 'reg': (1, 2, 32, 32)}
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        num_classes: int = 80,
+        pretrained: bool | str | Path = False,
+        dcn: bool = True,
+        head_channels: int = 64,
+    ) -> None:
+        super().__init__()
+        if arch not in _TRUNKS:
+            raise ValueError(f"unknown ResNet arch {arch!r}; choose from {sorted(_TRUNKS)}")
+        factory, _, trunk_channels = _TRUNKS[arch]
+        trunk = factory(weights=None)
+        if pretrained:
+            load_trunk_weights(trunk, pretrained, arch)
+        self.trunk = nn.Sequential(
+            trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool, trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
+        )
+        stages, channels = [], trunk_channels
+        for out_channels in UP_CHANNELS:
+            stages.append(_up_stage(channels, out_channels, dcn))
+            channels = out_channels
+        self.upsample = nn.Sequential(*stages)
+        self.heads = CenterNetHeads(channels, num_classes, head_channels)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        return self.heads(self.upsample(self.trunk(images)))

@@ -57,12 +57,22 @@ def load_trunk_weights(trunk: nn.Module, source: str | Path | bool, arch: str) -
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"pretrained weights file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"{path}: not a readable state_dict file ({type(err).__name__}: {err})") from err
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = trunk.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = trunk.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches, e.g. ResNet-50 weights for a ResNet-18
+        raise ValueError(f"weights from {source} do not fit {arch}: {err}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise ValueError(f"weights for {arch} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"weights from {source} do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
 
 
 class ResNetCenterNet(nn.Module):

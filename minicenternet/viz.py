@@ -1,0 +1,153 @@
+"""Small matplotlib helpers for the lessons: heatmaps, boxes and curves.
+
+Every function draws on a given ``Axes`` and returns what it drew, so a notebook keeps control of
+the figure layout. Coordinates follow the library (``ARCHITECTURE.md``): points ``(x, y)``, boxes
+``xyxy``, maps ``(H, W)``; pixel ``(i, j)`` covers ``[j, j + 1) x [i, i + 1)``, as in COCO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.image import AxesImage
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
+
+__all__ = ["class_colour", "show_heatmap", "draw_boxes", "plot_curves"]
+
+
+def class_colour(label: int) -> tuple[float, float, float, float]:
+    """The RGBA colour of class ``label`` (matplotlib's ``tab10`` cycle)."""
+    return colormaps["tab10"](int(label) % 10)
+
+
+def show_heatmap(
+    ax: Axes,
+    heatmap: np.ndarray,
+    image: np.ndarray | None = None,
+    alpha: float = 0.6,
+    cmap: str = "magma",
+    vmax: float = 1.0,
+) -> AxesImage:
+    """Show a heatmap, alone or stretched over an image.
+
+    Args:
+        ax: where to draw.
+        heatmap: ``(H, W)``, or ``(C, H, W)`` reduced with a max over the classes; a torch tensor
+            is accepted too (it is detached and moved to the CPU).
+        image: optional ``(H_img, W_img, 3)`` uint8 RGB image. The heatmap is then stretched over
+            it with transparency ``alpha``, so axes are in image pixels (boxes in image pixels line
+            up); without an image the axes are in heatmap pixels.
+        alpha: opacity of the heatmap over the image (ignored without an image).
+        cmap: matplotlib colour map.
+        vmax: value shown with the brightest colour (the colour scale runs from 0).
+
+    Returns:
+        The heatmap's ``AxesImage`` (pass it to ``plt.colorbar`` for a scale).
+    """
+    if hasattr(heatmap, "detach"):
+        heatmap = heatmap.detach().cpu().numpy()
+    heatmap = np.asarray(heatmap, dtype=np.float32)
+    if heatmap.ndim == 3:
+        heatmap = heatmap.max(axis=0)
+    if heatmap.ndim != 2:
+        raise ValueError(f"heatmap must be (H, W) or (C, H, W), got shape {heatmap.shape}")
+    height, width = heatmap.shape
+    if image is not None:
+        height, width = image.shape[:2]
+        ax.imshow(image, extent=(0, width, height, 0))
+    shown = ax.imshow(
+        heatmap,
+        cmap=cmap,
+        vmin=0.0,
+        vmax=vmax,
+        alpha=alpha if image is not None else None,
+        extent=(0, width, height, 0),
+        interpolation="nearest",
+    )
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    return shown
+
+
+def draw_boxes(
+    ax: Axes,
+    boxes: np.ndarray,
+    labels: Sequence[int] | np.ndarray | None = None,
+    scores: Sequence[float] | np.ndarray | None = None,
+    class_names: Sequence[str] | None = None,
+    color: str | tuple | None = None,
+    linewidth: float = 1.5,
+    linestyle: str = "-",
+) -> list[Rectangle]:
+    """Draw ``xyxy`` boxes, with an optional ``"name score"`` caption at each top-left corner.
+
+    Args:
+        ax: where to draw.
+        boxes: ``(N, 4)`` ``xyxy`` in the axes' coordinates (image pixels over an image).
+        labels: ``(N,)`` class indices; they pick the colour (:func:`class_colour`) and the caption.
+        scores: ``(N,)`` confidences added to the caption.
+        class_names: names indexed by label (default: the label number).
+        color: one colour for every box; default: by label, or white without labels.
+        linewidth: edge width in points.
+        linestyle: matplotlib line style, e.g. ``"--"`` for ground truth under predictions.
+
+    Returns:
+        The ``Rectangle`` patches, one per box.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    patches = []
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        label = None if labels is None else int(labels[k])
+        edge = color if color is not None else ("white" if label is None else class_colour(label))
+        rect = Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=edge, linewidth=linewidth, linestyle=linestyle)
+        ax.add_patch(rect)
+        patches.append(rect)
+        caption = [] if label is None else [class_names[label] if class_names is not None else str(label)]
+        if scores is not None:
+            caption.append(f"{float(scores[k]):.2f}")
+        if caption:
+            ax.text(
+                x1, y1, " ".join(caption), color="white", fontsize=7, va="bottom",
+                bbox={"facecolor": edge, "edgecolor": "none", "pad": 1, "alpha": 0.8},
+            )
+    return patches
+
+
+def plot_curves(
+    ax: Axes,
+    curves: Mapping[str, Sequence[float] | np.ndarray],
+    x: Sequence[float] | np.ndarray | None = None,
+    xlabel: str = "",
+    ylabel: str = "",
+    logy: bool = False,
+    **line_kwargs,
+) -> list[Line2D]:
+    """Plot named curves that share one x axis (loss curves, or a quantity against a parameter).
+
+    Args:
+        ax: where to draw.
+        curves: ``{name: (T,) values}``; the name goes into the legend.
+        x: ``(T,)`` abscissae shared by every curve (default ``0 .. T-1``, e.g. steps or epochs).
+        xlabel, ylabel: axis labels.
+        logy: logarithmic y axis.
+        **line_kwargs: passed to every ``ax.plot`` call (``linestyle``, ``linewidth``, ...).
+
+    Returns:
+        The plotted lines, in the order of ``curves``.
+    """
+    lines = []
+    for name, values in curves.items():
+        values = np.asarray(values, dtype=np.float64)
+        xs = np.arange(len(values)) if x is None else np.asarray(x)
+        lines.extend(ax.plot(xs, values, label=name, **line_kwargs))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return lines

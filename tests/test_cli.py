@@ -1,0 +1,122 @@
+"""Tests of the ``minicenternet`` command line (``minicenternet.cli.main``) on tiny data."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import cv2
+import pytest
+
+import minicenternet.viz
+from minicenternet.checkpoint import load_checkpoint
+from minicenternet.cli import main
+from minicenternet.data.shapes import CLASSES
+from minicenternet.evaluate import METRIC_NAMES
+
+
+def _run(argv: list[str]) -> str:
+    """Run the CLI and return what it printed on stdout."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        main(argv)
+    return buffer.getvalue()
+
+
+def _table(text: str) -> dict[str, float]:
+    """The metrics of the last two-line AP table in ``text``."""
+    lines = text.strip().splitlines()
+    header = [i for i, line in enumerate(lines) if line.split() == list(METRIC_NAMES)]
+    assert header, text
+    values = [float(v) for v in lines[header[-1] + 1].split()]
+    assert len(values) == 6 and all(0.0 <= v <= 1.0 for v in values)
+    return dict(zip(METRIC_NAMES, values))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shapes, tmp_path_factory):
+    """One CLI training run of one epoch (module-wide: evaluate and predict reuse its best.pt)."""
+    out = tmp_path_factory.mktemp("cli_run")
+    argv = [
+        "train", "--data", str(tiny_shapes), "--epochs", "1", "--input-size", "64", "--batch-size", "2",
+        "--out", str(out), "--device", "cpu", "--no-dcn",
+    ]
+    return out, _run(argv)
+
+
+def test_data_shapes_command(tmp_path):
+    root = tmp_path / "shapes"
+    argv = ["data", "shapes", "--out", str(root), "--num-train", "3", "--num-val", "2", "--image-size", "64"]
+    text = _run(argv)
+    assert str(root) in text
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert sorted(p.name for p in (root / "val").iterdir()) == ["000000.png", "000001.png"]
+    train = json.loads((root / "annotations" / "instances_train.json").read_text())
+    assert len(train["images"]) == 3 and all(i["width"] == i["height"] == 64 for i in train["images"])
+    assert len(json.loads((root / "annotations" / "instances_val.json").read_text())["images"]) == 2
+    assert cv2.imread(str(root / "train" / "000000.png")).shape == (64, 64, 3)
+    meta = json.loads((root / "meta.json").read_text())
+    assert (meta["num_train"], meta["num_val"], meta["image_size"]) == (3, 2, 64)
+    # a second call finds the dataset up to date and leaves it alone
+    stamp = (root / "train" / "000000.png").stat().st_mtime_ns
+    assert "generating" not in _run(argv)
+    assert (root / "train" / "000000.png").stat().st_mtime_ns == stamp
+
+
+def test_train_command_prints_the_ap_table(trained):
+    out, text = trained
+    assert "training resnet18 CenterNet (dcn=False)" in text
+    assert "1 epochs, batch 2, 64x64" in text
+    printed = _table(text)
+    best = load_checkpoint(out / "best.pt")
+    assert best["model_config"]["dcn"] is False and best["model_config"]["class_names"] == list(CLASSES)
+    for name in METRIC_NAMES:
+        assert printed[name] == pytest.approx(best["metrics"][name], abs=5e-4)
+    assert (out / "last.pt").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_evaluate_command_prints_the_ap_table(trained, tiny_shapes):
+    out, _ = trained
+    text = _run(["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(tiny_shapes), "--device", "cpu"])
+    assert "(val, 4 images)" in text
+    _table(text)
+    text = _run(
+        ["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(tiny_shapes), "--split", "train", "--device", "cpu"]
+    )
+    assert "(train, 8 images)" in text
+    _table(text)
+
+
+@pytest.mark.skipif(
+    not hasattr(minicenternet.viz, "render_detections"), reason="minicenternet.viz.render_detections not written yet"
+)
+def test_predict_command_writes_images_and_json(trained, tiny_shapes, tmp_path):
+    out, _ = trained
+    image = shutil.copy(tiny_shapes / "val" / "000000.png", tmp_path / "image.png")
+    pred_dir = tmp_path / "preds"
+    text = _run(
+        ["predict", "--checkpoint", str(out / "best.pt"), str(image), "--out", str(pred_dir), "--device", "cpu", "--threshold", "0"]
+    )
+    drawn = cv2.imread(str(pred_dir / "image_pred.png"))
+    assert drawn is not None and drawn.shape == (64, 64, 3)
+    results = json.loads((pred_dir / "predictions.json").read_text())
+    assert len(results) == 1 and results[0]["image"] == str(image)
+    assert results[0]["output"] == str(pred_dir / "image_pred.png")
+    detections = results[0]["detections"]
+    assert len(detections) == 100  # K detections at threshold 0
+    for det in detections:
+        assert len(det["box"]) == 4 and 0.0 <= det["score"] <= 1.0
+        assert det["name"] == CLASSES[det["label"]]
+    scores = [det["score"] for det in detections]
+    assert scores == sorted(scores, reverse=True)
+    assert "100 detections" in text
+
+
+def test_bad_arguments_exit():
+    with contextlib.redirect_stderr(io.StringIO()):
+        with pytest.raises(SystemExit):
+            main(["train", "--epochs", "many"])
+        with pytest.raises(SystemExit):
+            main(["evaluate"])  # --checkpoint is required

@@ -1,0 +1,144 @@
+"""Tests of minicenternet.predict.Detector on a tiny, randomly initialised ResNet-18 CenterNet."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from minicenternet.checkpoint import save_checkpoint
+from minicenternet.data.transforms import normalize_batch
+from minicenternet.decode import decode_scores
+from minicenternet.losses import clamped_sigmoid
+from minicenternet.models import build_model
+from minicenternet.predict import Detector
+
+NUM_CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("resnet18", num_classes=NUM_CLASSES, dcn=False).eval()
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (48, 60, 3), dtype=np.uint8)
+
+
+def _check_prediction(pred: dict, height: int, width: int) -> None:
+    assert set(pred) == {"boxes", "scores", "labels"}
+    boxes, scores, labels = pred["boxes"], pred["scores"], pred["labels"]
+    n = len(scores)
+    assert boxes.shape == (n, 4) and labels.shape == (n,)
+    assert boxes.dtype == torch.float32
+    assert torch.all(boxes[:, 0] >= 0) and torch.all(boxes[:, 2] <= width)
+    assert torch.all(boxes[:, 1] >= 0) and torch.all(boxes[:, 3] <= height)
+    assert torch.all(boxes[:, :2] <= boxes[:, 2:])
+    assert torch.all(scores[:-1] >= scores[1:])
+    assert torch.all((scores >= 0) & (scores < 1))  # 0: fewer than K peaks
+    assert torch.all((labels >= 0) & (labels < NUM_CLASSES))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_three_input_forms_give_the_same_result(model, image, tmp_path):
+    path = tmp_path / "img.png"
+    cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    detector = Detector(model, input_size=64, device="cpu")
+    from_path = detector(path)
+    assert isinstance(from_path, list) and len(from_path) == 1
+    _check_prediction(from_path[0], 48, 60)
+    assert len(from_path[0]["scores"]) == 100  # K, no threshold
+    _assert_same(detector(str(path))[0], from_path[0])
+    _assert_same(detector(image)[0], from_path[0])
+    as_float = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    _assert_same(detector(as_float)[0], from_path[0])
+    _assert_same(detector(torch.from_numpy(image).permute(2, 0, 1))[0], from_path[0])
+    both = detector([image, path])
+    assert len(both) == 2
+    _assert_same(both[1], from_path[0])
+
+
+def test_original_resolution_is_padded_and_mapped_back(model):
+    """input_size=None: a 70x90 image is centred in a 96x96 input (padded_size: 70 -> 96, 90 -> 96)
+    at scale 1, so image pixel (x, y) sits at (x + 3, y + 13) and a stride-4 box maps back by
+    x = 4 x' - 3, y = 4 y' - 13, clipped to the image."""
+    rgb = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    seen = {}
+    handle = model.register_forward_hook(lambda module, args, out: seen.update(input=args[0], out=out))
+    try:
+        pred = Detector(model, input_size=None, device="cpu", K=20)(rgb)[0]
+    finally:
+        handle.remove()
+    _check_prediction(pred, 70, 90)
+    padded = torch.zeros(1, 3, 96, 96, dtype=torch.uint8)
+    padded[0, :, 13:83, 3:93] = torch.from_numpy(rgb).permute(2, 0, 1)
+    torch.testing.assert_close(seen["input"], normalize_batch(padded))
+
+    out = seen["out"]
+    boxes, scores, labels = decode_scores(clamped_sigmoid(out["hm"]), out["wh"], out["reg"], K=20)
+    expected = boxes[0] * 4 - torch.tensor([3.0, 13.0, 3.0, 13.0])
+    expected = torch.minimum(expected.clamp(min=0), torch.tensor([90.0, 70.0, 90.0, 70.0]))
+    # reorder corners where a (near-zero, random) size is negative
+    expected = torch.cat([torch.minimum(expected[:, :2], expected[:, 2:]), torch.maximum(expected[:, :2], expected[:, 2:])], 1)
+    torch.testing.assert_close(pred["boxes"], expected, atol=1e-4, rtol=0)
+    assert torch.equal(pred["scores"], scores[0]) and torch.equal(pred["labels"], labels[0])
+
+
+def test_flip_test_runs_on_the_image_and_its_mirror(model, image):
+    seen = {}
+    handle = model.register_forward_hook(lambda module, args, out: seen.update(input=args[0]))
+    try:
+        pred = Detector(model, input_size=64, flip=True, device="cpu")(image)[0]
+    finally:
+        handle.remove()
+    assert seen["input"].shape == (2, 3, 64, 64)
+    assert torch.equal(seen["input"][1], seen["input"][0].flip(2))
+    _check_prediction(pred, 48, 60)
+    plain = Detector(model, input_size=64, device="cpu")(image)[0]
+    assert not torch.equal(pred["scores"], plain["scores"])
+
+
+def test_score_threshold_filters(model, image):
+    everything = Detector(model, input_size=64, device="cpu")(image)[0]
+    threshold = float(everything["scores"][10])
+    kept = Detector(model, input_size=64, device="cpu", score_threshold=threshold)(image)[0]
+    keep = everything["scores"] >= threshold
+    assert 0 < keep.sum() < len(keep)
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(kept[key], everything[key][keep])
+    none = Detector(model, input_size=64, device="cpu", score_threshold=1.0)(image)[0]
+    assert none["boxes"].shape == (0, 4) and none["scores"].shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((32, 32), np.uint8), np.zeros((32, 32, 4), np.uint8), np.zeros((32, 32, 3), np.float32)],
+    ids=["gray", "rgba", "float"],
+)
+def test_wrong_arrays_are_rejected(model, bad):
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        Detector(model, input_size=64, device="cpu")(bad)
+
+
+def test_from_checkpoint_round_trip(model, image, tmp_path):
+    path = save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "model_config": {"arch": "resnet18", "num_classes": NUM_CLASSES, "dcn": False, "class_names": ["a", "b", "c"]},
+        },
+        tmp_path / "best.pt",
+    )
+    restored = Detector.from_checkpoint(path, device="cpu", input_size=64)
+    assert restored.class_names == ["a", "b", "c"]
+    assert restored.input_size == 64 and restored.device == torch.device("cpu")
+    assert not restored.model.training
+    _assert_same(restored(image)[0], Detector(model, input_size=64, device="cpu")(image)[0])
+    renamed = Detector.from_checkpoint(path, device="cpu", input_size=64, class_names=["x", "y", "z"])
+    assert renamed.class_names == ["x", "y", "z"]

@@ -1,0 +1,123 @@
+"""Tests of minicenternet.train: the schedule, a tiny end-to-end run with resume, and overfitting."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from minicenternet.checkpoint import load_checkpoint
+from minicenternet.data.centernet_dataset import CenterNetDataset
+from minicenternet.data.coco import CocoDetection
+from minicenternet.data.shapes import CLASSES
+from minicenternet.data.transforms import normalize_batch
+from minicenternet.losses import centernet_loss
+from minicenternet.models import build_model
+from minicenternet.train import TrainConfig, lr_factor, train
+
+DROPS = (90 / 140, 120 / 140)
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+# ---------------------------------------------------------------------------------------------
+# lr_factor
+# ---------------------------------------------------------------------------------------------
+
+
+def test_lr_factor_paper_schedule():
+    """140 iterations: x0.1 from iteration 90 and x0.01 from 120 (the paper's epochs 90 / 120)."""
+    values = {it: lr_factor(it, 140, 0, DROPS) for it in (0, 1, 89, 90, 119, 120, 139)}
+    assert values[0] == values[1] == values[89] == 1.0
+    assert values[90] == pytest.approx(0.1) and values[119] == pytest.approx(0.1)
+    assert values[120] == pytest.approx(0.01) and values[139] == pytest.approx(0.01)
+
+
+def test_lr_factor_same_fractions_of_any_length():
+    # 42 = 3 x 14 iterations: drops at 9/14 and 12/14 of the run, iterations 27 and 36
+    factors = [lr_factor(it, 42, 0, DROPS) for it in range(42)]
+    assert factors[:27] == [1.0] * 27
+    assert factors[27:36] == pytest.approx([0.1] * 9)
+    assert factors[36:] == pytest.approx([0.01] * 6)
+    assert all(lr_factor(it, 50, 0, ()) == 1.0 for it in range(50))
+
+
+def test_lr_factor_linear_warm_up():
+    assert [lr_factor(it, 140, 10, DROPS) for it in (0, 4, 9, 10, 50)] == pytest.approx([0.1, 0.5, 1.0, 1.0, 1.0])
+    # warm-up is linear from 1 / warmup_iters
+    assert lr_factor(2, 1000, 4, DROPS) == pytest.approx(0.75)
+
+
+# ---------------------------------------------------------------------------------------------
+# train(): tiny end-to-end run and resume
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_metrics(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_train_end_to_end_and_resume(tiny_shapes, tmp_path):
+    cfg = TrainConfig(
+        data=str(tiny_shapes), out=str(tmp_path / "run"), input_size=64, epochs=2, batch_size=4, lr=1e-3,
+        num_workers=0, val_every=1, dcn=False, amp=False, device="cpu",
+    )
+    result = train(cfg, progress=False)
+    out = tmp_path / "run"
+    assert set(result) == set(METRICS)
+    assert all(0.0 <= result[k] <= 1.0 for k in METRICS)
+    for name in ("last.pt", "best.pt", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+
+    records = _read_metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert set(METRICS) <= set(record)
+        assert {"loss", "hm_loss", "wh_loss", "off_loss", "lr"} <= set(record)
+        assert math.isfinite(record["loss"]) and record["loss"] > 0
+
+    last = load_checkpoint(out / "last.pt")
+    assert last["epoch"] == 2 and len(last["history"]) == 2
+    assert last["model_config"] == {"arch": "resnet18", "num_classes": 5, "dcn": False, "class_names": list(CLASSES)}
+    assert last["train_config"]["input_size"] == 64
+    # 8 images / batch 4 = 2 iterations per epoch
+    assert last["scheduler"]["last_epoch"] == 4
+    assert all(s["step"] == 4 for s in last["optimizer"]["state"].values())
+    best = load_checkpoint(out / "best.pt")
+    assert best["metrics"]["AP"] == max(r["AP"] for r in records)
+    assert result["AP"] == best["metrics"]["AP"]
+
+    # resume with a longer schedule: only epoch 3 runs
+    train(TrainConfig(**{**cfg.__dict__, "epochs": 3}), resume=True, progress=False)
+    records = _read_metrics(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    last = load_checkpoint(out / "last.pt")
+    assert last["epoch"] == 3 and len(last["history"]) == 3
+    assert last["scheduler"]["last_epoch"] == 6
+    assert all(s["step"] == 6 for s in last["optimizer"]["state"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# overfitting one batch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_loss_decreases_when_overfitting_one_batch(tiny_shapes):
+    torch.manual_seed(0)
+    source = CocoDetection.from_root(tiny_shapes, "train")
+    dataset = CenterNetDataset(source, (64, 64), train=False)
+    images, targets = default_collate([dataset[0], dataset[1]])
+    images = normalize_batch(images)
+    model = build_model("resnet18", num_classes=source.num_classes, dcn=False).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = centernet_loss(model(images), targets)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0], losses

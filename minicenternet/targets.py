@@ -1,8 +1,8 @@
 """Training targets: Gaussian radius, Gaussian peaks and the CenterNet target tensors.
 
-CornerNet (Law & Deng, 2018, Sec. 3.3) softens each ground-truth keypoint into an unnormalised
+CornerNet (Law & Deng, 2018) softens each ground-truth keypoint into an unnormalised
 2-D Gaussian whose radius is the largest corner displacement that still yields a box with IoU of
-at least ``t`` against the ground truth; CenterNet (Zhou et al., 2019, Sec. 3, Eq. 1) keeps the
+at least ``t`` against the ground truth (CornerNet Sec. 3.2); CenterNet (Zhou et al., 2019, Sec. 3, Eq. 1) keeps the
 same Gaussians around object centres. Everything here works in numpy on one image at a time, so
 it runs inside data-loader workers.
 """

@@ -61,6 +61,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     num_workers: int = 4
+    random_crop: bool = True
     scale_range: tuple[float, float] = (0.6, 1.4)
     flip_prob: float = 0.5
     max_objects: int = 128
@@ -125,7 +126,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if cfg.cache_images:
         train_src.preload()
     dataset = CenterNetDataset(
-        train_src, (cfg.input_size, cfg.input_size), True, cfg.max_objects, cfg.scale_range, cfg.flip_prob
+        train_src, (cfg.input_size, cfg.input_size), True, cfg.max_objects, cfg.scale_range, cfg.flip_prob,
+        cfg.random_crop,
     )
     loader = DataLoader(
         dataset, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, drop_last=len(dataset) >= cfg.batch_size,

@@ -1,8 +1,9 @@
-"""Small matplotlib helpers for the lessons: heatmaps, boxes and curves.
+"""Small matplotlib helpers: heatmaps, boxes and curves for the lessons, detections for the CLI.
 
-Every function draws on a given ``Axes`` and returns what it drew, so a notebook keeps control of
-the figure layout. Coordinates follow the library (``ARCHITECTURE.md``): points ``(x, y)``, boxes
-``xyxy``, maps ``(H, W)``; pixel ``(i, j)`` covers ``[j, j + 1) x [i, i + 1)``, as in COCO.
+The plotting functions draw on a given ``Axes`` and return what they drew, so a notebook keeps
+control of the figure layout; :func:`render_detections` draws off-screen into an array.
+Coordinates follow the library (``ARCHITECTURE.md``): points ``(x, y)``, boxes ``xyxy``, maps
+``(H, W)``; pixel ``(i, j)`` covers ``[j, j + 1) x [i, i + 1)``, as in COCO.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-__all__ = ["class_colour", "show_heatmap", "draw_boxes", "plot_curves"]
+__all__ = ["class_colour", "show_heatmap", "draw_boxes", "plot_curves", "render_detections"]
 
 
 def class_colour(label: int) -> tuple[float, float, float, float]:
@@ -103,7 +106,7 @@ def draw_boxes(
     for k, (x1, y1, x2, y2) in enumerate(boxes):
         label = None if labels is None else int(labels[k])
         edge = color if color is not None else ("white" if label is None else class_colour(label))
-        rect = Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=edge, linewidth=linewidth, linestyle=linestyle)
+        rect = Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=edge, lw=linewidth, ls=linestyle)
         ax.add_patch(rect)
         patches.append(rect)
         caption = [] if label is None else [class_names[label] if class_names is not None else str(label)]
@@ -151,3 +154,37 @@ def plot_curves(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return lines
+
+
+def render_detections(
+    image: np.ndarray,
+    prediction: Mapping[str, np.ndarray],
+    class_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Draw one image's detections with :func:`draw_boxes` and return the picture as an array.
+
+    Renders off-screen (matplotlib's Agg canvas, no window, no global state).
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        prediction: ``{"boxes": (N, 4) xyxy image pixels, "scores": (N,), "labels": (N,)}``, numpy
+            arrays or CPU tensors (a detector's output for this image).
+        class_names: names indexed by label (default: the label number).
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB, the image with a box and a ``"name score"`` caption per detection.
+    """
+    height, width = image.shape[:2]
+    dpi = 100
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest")
+    ax.set_axis_off()
+    labels = np.asarray(prediction["labels"]).astype(np.int64)
+    draw_boxes(ax, np.asarray(prediction["boxes"]), labels=labels, scores=np.asarray(prediction["scores"]),
+               class_names=class_names, linewidth=1.0)
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

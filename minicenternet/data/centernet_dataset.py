@@ -28,10 +28,12 @@ class CenterNetDataset(Dataset):
     Args:
         source: the images and boxes.
         input_size: ``(H, W)`` of the network input, divisible by 32.
-        train: random crop and flip when ``True``; centred, unflipped resize otherwise.
+        train: random augmentation when ``True``; centred, unflipped resize otherwise.
         max_objects: ``K`` of the target arrays.
         scale_range: range of the random scale factor (reference: 0.6 to 1.3 in steps of 0.1).
         flip_prob: probability of a horizontal flip (reference: 0.5).
+        random_crop: draw the reference random scale and centre; ``False`` keeps the whole image
+            (centred, longer side fitted to the input) and only flips.
 
     Each item is ``(image (3, H, W) uint8 RGB, targets)`` with ``targets`` the tensors of
     :func:`encode_centernet` at ``(H/4, W/4)``. An unreadable image is reported once and
@@ -46,11 +48,13 @@ class CenterNetDataset(Dataset):
         max_objects: int = 128,
         scale_range: tuple[float, float] = (0.6, 1.4),
         flip_prob: float = 0.5,
+        random_crop: bool = True,
     ) -> None:
         if input_size[0] % 32 or input_size[1] % 32:
             raise ValueError(f"input_size must be divisible by 32, got {input_size}")
         self.source, self.input_size, self.train = source, tuple(input_size), train
         self.max_objects, self.scale_range, self.flip_prob = max_objects, scale_range, flip_prob
+        self.random_crop = random_crop
         self.output_size = (input_size[0] // OUTPUT_STRIDE, input_size[1] // OUTPUT_STRIDE)
         self._reported: set[str] = set()
 
@@ -74,7 +78,8 @@ class CenterNetDataset(Dataset):
         center, scale = np.array([width / 2, height / 2], dtype=np.float32), float(max(height, width))
         if self.train:
             rng = np.random.default_rng(int(torch.randint(2**62, ())))
-            center, scale = random_crop_params((height, width), rng, self.scale_range)
+            if self.random_crop:
+                center, scale = random_crop_params((height, width), rng, self.scale_range)
             if rng.random() < self.flip_prob:
                 image, boxes = hflip_image_and_boxes(image, boxes)
                 center[0] = width - center[0] - 1

@@ -8,6 +8,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .data.shapes import ShapesConfig
+
 __all__ = ["main"]
 
 
@@ -91,7 +93,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _data(args: argparse.Namespace) -> None:
-    from .data.shapes import ShapesConfig, default_data_root, ensure_shapes
+    from .data.shapes import default_data_root, ensure_shapes
 
     cfg = ShapesConfig(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed)
     root = ensure_shapes(Path(args.out) if args.out else default_data_root() / "shapes", cfg)
@@ -133,10 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="dataset", required=True)
     shapes = data_sub.add_parser("shapes", help="generate the synthetic shapes dataset")
     shapes.add_argument("--out", help="folder (default: data/shapes)")
-    shapes.add_argument("--num-train", type=int, default=3000)
-    shapes.add_argument("--num-val", type=int, default=300)
-    shapes.add_argument("--image-size", type=int, default=256)
-    shapes.add_argument("--seed", type=int, default=0)
+    for name in ("num_train", "num_val", "image_size", "seed"):
+        shapes.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(ShapesConfig, name))
     shapes.set_defaults(func=_data)
     return parser
 

@@ -34,7 +34,7 @@ def gaussian_radius(
     min_overlap: float = 0.7,
     variant: Literal["reference", "exact"] = "reference",
 ) -> float:
-    """Largest corner displacement ``r`` that keeps IoU >= ``min_overlap`` (CornerNet Sec. 3.3).
+    """Largest corner displacement ``r`` that keeps IoU >= ``min_overlap`` (CornerNet Sec. 3.2).
 
     Let the ground-truth box be ``w x h`` and move each corner by ``r`` along both axes. Three
     movements bound the IoU ``t``:

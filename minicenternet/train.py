@@ -33,6 +33,7 @@ from .losses import centernet_loss
 from .models import build_model
 from .device import autocast, default_device
 from .predict import Detector
+from .viz import save_training_curves
 
 __all__ = ["TrainConfig", "default_config", "train", "lr_factor"]
 
@@ -190,6 +191,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         history.append(record)
         with open(out / "metrics.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
+        save_training_curves(history, out / "curves.png")
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
         save_checkpoint(
             {

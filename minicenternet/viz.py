@@ -9,6 +9,7 @@ Coordinates follow the library (``ARCHITECTURE.md``): points ``(x, y)``, boxes `
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
@@ -19,7 +20,7 @@ from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-__all__ = ["class_colour", "show_heatmap", "draw_boxes", "plot_curves", "render_detections"]
+__all__ = ["class_colour", "show_heatmap", "draw_boxes", "plot_curves", "render_detections", "save_training_curves"]
 
 
 def class_colour(label: int) -> tuple[float, float, float, float]:
@@ -188,3 +189,26 @@ def render_detections(
     ax.set_ylim(height, 0)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_training_curves(history: Sequence[Mapping[str, float]], path: str | Path) -> Path:
+    """Write a PNG with the loss terms (left) and the validation AP (right) of a run, per epoch.
+
+    Args:
+        history: one record per epoch, as in ``metrics.jsonl`` (keys ``epoch``, ``loss``,
+            ``hm_loss``, ``wh_loss``, ``off_loss`` and, on validated epochs, ``AP``, ``AP50``).
+        path: the PNG to write.
+    """
+    fig = Figure(figsize=(9, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    loss_ax, ap_ax = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in history]
+    terms = {k: [r.get(k, np.nan) for r in history] for k in ("loss", "hm_loss", "wh_loss", "off_loss")}
+    plot_curves(loss_ax, terms, epochs, "epoch", "training loss", logy=True)
+    validated = [r for r in history if "AP" in r]
+    if validated:
+        plot_curves(ap_ax, {k: [r[k] for r in validated] for k in ("AP", "AP50")},
+                    [r["epoch"] for r in validated], "epoch", "val COCO AP", marker="o")
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)

@@ -16,9 +16,10 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import cv2
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -71,7 +72,6 @@ class TrainConfig:
     eval_input_size: int | None = None
     device: str | None = None
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def default_config(device: torch.device | str | None = None, **overrides) -> TrainConfig:
@@ -88,8 +88,8 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
         cfg = TrainConfig(device=str(device))
     else:
         cfg = TrainConfig(
-            input_size=192, epochs=7, batch_size=16, lr=1e-3, warmup_iters=100, dcn=False, amp=True,
-            num_workers=0, cache_images=True, val_every=3, device=str(device),
+            input_size=192, epochs=7, batch_size=16, lr=2e-3, warmup_iters=100, dcn=False, amp=True,
+            num_workers=0, cache_images=True, random_crop=False, val_every=4, device=str(device),
         )
     return replace(cfg, **overrides)
 
@@ -99,6 +99,12 @@ def lr_factor(iteration: int, total_iters: int, warmup_iters: int, drops: tuple[
     if iteration < warmup_iters:
         return (iteration + 1) / warmup_iters
     return 0.1 ** sum(iteration >= math.floor(d * total_iters) for d in drops)
+
+
+def _worker_init(worker_id: int) -> None:
+    """One thread per loader worker for torch and OpenCV, so workers never fight the model for cores."""
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
 
 def _datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
@@ -132,7 +138,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     )
     loader = DataLoader(
         dataset, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, drop_last=len(dataset) >= cfg.batch_size,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, worker_init_fn=_worker_init,
     )
     model = build_model(cfg.arch, num_classes=train_src.num_classes, pretrained=cfg.pretrained, dcn=cfg.dcn).to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format

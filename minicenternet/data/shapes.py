@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -30,7 +31,7 @@ import numpy as np
 __all__ = ["CLASSES", "ShapesConfig", "render_image", "generate_shapes", "ensure_shapes", "default_data_root"]
 
 CLASSES = ("ellipse", "rectangle", "triangle", "cross", "star")
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 _SPLIT_IDS = {"train": 1, "val": 2}
 
 
@@ -84,26 +85,31 @@ def _unit_outline(name: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """``(size, size, 3)`` float32 background: gradient, smooth noise, stripes or checks, plus grain."""
-    kind = rng.integers(4)
+    """``(size, size, 3)`` float32 background: a gradient, smooth blotches or a soft woven texture
+    between two random colours, plus pixel grain.
+
+    The textures are smooth on purpose: hard-edged patterns (checkerboards, sharp stripes) would
+    draw extra rectangles that are not annotated.
+    """
+    kind = rng.integers(3)
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     if kind == 0:
         angle = rng.uniform(0, 2 * np.pi)
-        t = (np.cos(angle) * xx + np.sin(angle) * yy - min(0, np.cos(angle)) - min(0, np.sin(angle)))
-        t = (t / t.max())[..., None]
+        t = np.cos(angle) * xx + np.sin(angle) * yy
+        t = (t - t.min()) / (t.max() - t.min())
     elif kind == 1:
-        cells = int(rng.integers(4, 17))
+        cells = int(rng.integers(3, 9))
         coarse = rng.uniform(0, 1, (cells, cells)).astype(np.float32)
-        t = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1)[..., None]
-    elif kind == 2:
-        angle, period = rng.uniform(0, np.pi), rng.uniform(6, 40)
-        phase = (np.cos(angle) * xx + np.sin(angle) * yy) * size / period
-        t = (0.5 + 0.5 * np.sin(2 * np.pi * phase))[..., None] * rng.uniform(0.3, 1.0)
+        t = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1)
     else:
-        period = rng.uniform(8, 48)
-        t = (((xx * size // period) + (yy * size // period)) % 2)[..., None] * rng.uniform(0.2, 0.7)
-    image = c0 + (c1 - c0) * t
+        t = np.zeros((size, size), dtype=np.float32)
+        for _ in range(3):
+            angle, period = rng.uniform(0, np.pi), rng.uniform(10, 60)
+            phase = (np.cos(angle) * xx + np.sin(angle) * yy) * size / period + rng.uniform(0, 1)
+            t += np.sin(2 * np.pi * phase) / 6
+        t = (t + 0.5) * rng.uniform(0.3, 0.8)
+    image = c0 + (c1 - c0) * t[..., None]
     image += rng.normal(0, rng.uniform(0, 10), (size, size, 1))
     return image.astype(np.float32)
 
@@ -245,6 +251,9 @@ def generate_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), worker
 def ensure_shapes(root: str | Path | None = None, cfg: ShapesConfig = ShapesConfig(), verbose: bool = True) -> Path:
     """Return the shapes dataset folder, generating it first if it is missing or stale.
 
+    A new dataset is drawn into a hidden sibling folder and moved into place when complete, so a
+    reader never sees a half-written dataset and an interrupted run leaves no partial one.
+
     Args:
         root: folder of the dataset (default ``default_data_root() / "shapes"``).
         cfg: dataset parameters; a folder written with other parameters is regenerated.
@@ -258,7 +267,14 @@ def ensure_shapes(root: str | Path | None = None, cfg: ShapesConfig = ShapesConf
     if verbose:
         print(f"generating shapes dataset ({cfg.num_train} train + {cfg.num_val} val images) in {root} ...", flush=True)
     start = time.perf_counter()
-    generate_shapes(root, cfg)
+    staging = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    generate_shapes(staging, cfg)
+    stale = root.with_name(f".{root.name}.{os.getpid()}.old")
+    if root.exists():
+        root.rename(stale)
+    staging.rename(root)
+    shutil.rmtree(stale, ignore_errors=True)
     if verbose:
         print(f"done in {time.perf_counter() - start:.1f} s", flush=True)
     return root

@@ -29,7 +29,7 @@ from .data.centernet_dataset import CenterNetDataset
 from .data.coco import CocoDetection
 from .data.shapes import ensure_shapes
 from .data.transforms import normalize_batch
-from .evaluate import evaluate, format_table
+from .evaluate import METRIC_NAMES, evaluate
 from .losses import centernet_loss
 from .models import build_model
 from .device import autocast, default_device
@@ -211,4 +211,4 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             out / "last.pt",
         )
     final = load_checkpoint(out / "best.pt")["metrics"] if (out / "best.pt").is_file() else {}
-    return {k: final[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in final}
+    return {k: final[k] for k in METRIC_NAMES if k in final}

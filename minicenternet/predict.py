@@ -90,11 +90,11 @@ class Detector:
 
     def _crop(self, height: int, width: int) -> tuple[np.ndarray, float, tuple[int, int]]:
         """Centre, scale and input size ``(H_in, W_in)`` of the test-time affine map."""
-        center = np.array([width / 2, height / 2], dtype=np.float32)
         if self.input_size is None:
             center = np.array([width // 2, height // 2], dtype=np.float32)  # integer shift, as the reference
             size = (padded_size(height, self.pad_variant), padded_size(width, self.pad_variant))
             return center, float(size[1]), size
+        center = np.array([width / 2, height / 2], dtype=np.float32)
         return center, float(max(height, width)), (self.input_size, self.input_size)
 
     @torch.inference_mode()

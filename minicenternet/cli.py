@@ -19,7 +19,7 @@ def _train(args: argparse.Namespace) -> None:
 
     overrides = {
         name: getattr(args, name)
-        for name in ("arch", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed")
+        for name in ("arch", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps")
         if getattr(args, name) is not None
     }
     if args.dcn is not None:
@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> None:
     print(
         f"training {cfg.arch} CenterNet (dcn={cfg.dcn}) on {cfg.data or 'the shapes dataset'}: "
         f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.input_size}x{cfg.input_size}, lr {cfg.lr}, "
-        f"device {cfg.device}, run folder {cfg.out}",
+        f"trunk pre-training {cfg.pretrain_steps} steps, device {cfg.device}, run folder {cfg.out}",
         flush=True,
     )
     start = time.perf_counter()
@@ -42,7 +42,7 @@ def _detector(args: argparse.Namespace):
 
     return Detector.from_checkpoint(
         args.checkpoint, device=args.device, input_size=args.input_size, flip=args.flip,
-        score_threshold=getattr(args, "threshold", 0.0),
+        score_threshold=getattr(args, "threshold", 0.0), class_agnostic=getattr(args, "class_agnostic", False),
     )
 
 
@@ -54,7 +54,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     root = Path(args.data) if args.data else ensure_shapes()
     dataset = CocoDetection.from_root(root, args.split)
     metrics = evaluate(_detector(args), dataset)
-    print(f"COCO box AP of {args.checkpoint} on {root} ({args.split}, {len(dataset)} images):")
+    kind = "class-agnostic COCO box AP" if args.class_agnostic else "COCO box AP"
+    print(f"{kind} of {args.checkpoint} on {root} ({args.split}, {len(dataset)} images):")
     print(format_table(metrics))
 
 
@@ -114,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="cuda, cpu or mps (default: the best available)")
     train.add_argument("--out", help="run folder (default runs/shapes)")
     train.add_argument("--seed", type=int)
+    train.add_argument(
+        "--pretrain-steps", type=int, help="steps of classification pre-training of the trunk on object crops (0: none)"
+    )
     train.add_argument("--dcn", action=argparse.BooleanOptionalAction, default=None, help="DCNv2 upsampling")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.set_defaults(func=_train)
@@ -127,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     sub.choices["evaluate"].add_argument("--data", help="COCO-layout folder (default: shapes)")
     sub.choices["evaluate"].add_argument("--split", default="val")
+    sub.choices["evaluate"].add_argument(
+        "--class-agnostic", action="store_true", help="merge the class heatmaps and ignore categories: localisation only"
+    )
     sub.choices["predict"].add_argument("images", nargs="+", help="image files")
     sub.choices["predict"].add_argument("--out", default="predictions", help="folder for drawn images and JSON")
     sub.choices["predict"].add_argument("--threshold", type=float, default=0.3, help="minimum score")

@@ -30,13 +30,20 @@ def coco_detections(dataset: CocoDetection, index: int, prediction: dict) -> lis
     ]
 
 
-def coco_eval(dataset: CocoDetection, detections: list[dict], image_ids: list[int] | None = None) -> dict[str, float]:
+def coco_eval(
+    dataset: CocoDetection,
+    detections: list[dict],
+    image_ids: list[int] | None = None,
+    class_agnostic: bool = False,
+) -> dict[str, float]:
     """Run ``COCOeval`` (iouType ``bbox``) and return the six headline numbers.
 
     Args:
         dataset: the ground truth.
         detections: COCO result entries (see :func:`coco_detections`).
         image_ids: restrict the evaluation to these images (default: all of the dataset).
+        class_agnostic: match detections to ground truth whatever their categories
+            (``COCOeval.params.useCats = 0``).
     """
     if not detections:
         return dict.fromkeys(METRIC_NAMES, 0.0)
@@ -44,6 +51,7 @@ def coco_eval(dataset: CocoDetection, detections: list[dict], image_ids: list[in
         results = dataset.coco.loadRes(detections)
         evaluator = COCOeval(dataset.coco, results, "bbox")
         evaluator.params.imgIds = list(image_ids) if image_ids is not None else dataset.image_ids
+        evaluator.params.useCats = 0 if class_agnostic else 1
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -51,13 +59,14 @@ def coco_eval(dataset: CocoDetection, detections: list[dict], image_ids: list[in
 
 
 def evaluate(detector: Detector, dataset: CocoDetection, limit: int | None = None, progress: bool = True) -> dict[str, float]:
-    """Predict every image of ``dataset`` (or the first ``limit``) and compute COCO AP."""
+    """Predict every image of ``dataset`` (or the first ``limit``) and compute COCO AP
+    (class-agnostic COCOeval when ``detector.class_agnostic``)."""
     count = len(dataset) if limit is None else min(limit, len(dataset))
     detections: list[dict] = []
     for index in tqdm(range(count), desc="evaluate", disable=not progress, leave=False):
         prediction = detector(dataset.image_path(index))[0]
         detections.extend(coco_detections(dataset, index, prediction))
-    return coco_eval(dataset, detections, dataset.image_ids[:count])
+    return coco_eval(dataset, detections, dataset.image_ids[:count], detector.class_agnostic)
 
 
 def format_table(metrics: dict[str, float]) -> str:

@@ -58,6 +58,9 @@ class Detector:
         class_names: names of the contiguous labels, kept for drawing.
         pad_variant: see :func:`minicenternet.decode.padded_size`.
         amp: run the network under :func:`minicenternet.device.autocast` (bf16 on CPU).
+        class_agnostic: merge the class heatmaps (maximum over classes) before peak extraction
+            and label every detection 0: the detector's localisation alone, a diagnostic for
+            how much AP the classification costs (evaluate it with ``class_agnostic`` COCOeval).
     """
 
     def __init__(
@@ -71,11 +74,13 @@ class Detector:
         class_names: Sequence[str] | None = None,
         pad_variant: str = "reference",
         amp: bool = False,
+        class_agnostic: bool = False,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.input_size, self.flip, self.K = input_size, flip, K
         self.score_threshold, self.pad_variant, self.amp = score_threshold, pad_variant, amp
+        self.class_agnostic = class_agnostic
         self.class_names = list(class_names) if class_names is not None else None
 
     @classmethod
@@ -113,6 +118,8 @@ class Detector:
             heat, wh, reg = merge_flip(outputs)
         else:
             heat, wh, reg = clamped_sigmoid(outputs["hm"]), outputs["wh"], outputs["reg"]
+        if self.class_agnostic:
+            heat = heat.amax(1, keepdim=True)
         boxes, scores, labels = decode_scores(heat, wh, reg, self.K)
         keep = scores[0] >= self.score_threshold
         out_size = (heat.shape[2], heat.shape[3])

@@ -10,11 +10,12 @@ import shutil
 import cv2
 import pytest
 
-import minicenternet.viz
 from minicenternet.checkpoint import load_checkpoint
 from minicenternet.cli import main
+from minicenternet.data.coco import CocoDetection
 from minicenternet.data.shapes import CLASSES
-from minicenternet.evaluate import METRIC_NAMES
+from minicenternet.evaluate import METRIC_NAMES, evaluate
+from minicenternet.predict import Detector
 
 
 def _run(argv: list[str]) -> str:
@@ -41,7 +42,7 @@ def trained(tiny_shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli_run")
     argv = [
         "train", "--data", str(tiny_shapes), "--epochs", "1", "--input-size", "64", "--batch-size", "2",
-        "--out", str(out), "--device", "cpu", "--no-dcn",
+        "--out", str(out), "--device", "cpu", "--no-dcn", "--pretrain-steps", "2",
     ]
     return out, _run(argv)
 
@@ -68,7 +69,8 @@ def test_data_shapes_command(tmp_path):
 def test_train_command_prints_the_ap_table(trained):
     out, text = trained
     assert "training resnet18 CenterNet (dcn=False)" in text
-    assert "1 epochs, batch 2, 64x64" in text
+    assert "1 epochs, batch 2, 64x64" in text and "trunk pre-training 2 steps" in text
+    assert (out / "trunk_pretrained.pt").is_file()
     printed = _table(text)
     best = load_checkpoint(out / "best.pt")
     assert best["model_config"]["dcn"] is False and best["model_config"]["class_names"] == list(CLASSES)
@@ -89,9 +91,17 @@ def test_evaluate_command_prints_the_ap_table(trained, tiny_shapes):
     _table(text)
 
 
-@pytest.mark.skipif(
-    not hasattr(minicenternet.viz, "render_detections"), reason="minicenternet.viz.render_detections not written yet"
-)
+def test_evaluate_command_class_agnostic(trained, tiny_shapes):
+    out, _ = trained
+    argv = ["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(tiny_shapes), "--device", "cpu"]
+    text = _run(argv + ["--class-agnostic"])
+    assert "class-agnostic COCO box AP" in text
+    detector = Detector.from_checkpoint(out / "best.pt", device="cpu", class_agnostic=True)
+    expected = evaluate(detector, CocoDetection.from_root(tiny_shapes, "val"), progress=False)
+    for name, value in _table(text).items():
+        assert value == pytest.approx(expected[name], abs=5e-4)
+
+
 def test_predict_command_writes_images_and_json(trained, tiny_shapes, tmp_path):
     out, _ = trained
     image = shutil.copy(tiny_shapes / "val" / "000000.png", tmp_path / "image.png")

@@ -276,3 +276,18 @@ def test_fill_bilinear_reference_writes_only_output_channel_0():
 def test_fill_bilinear_unknown_variant():
     with pytest.raises(ValueError, match="variant"):
         fill_bilinear(_up(), "nearest")
+
+
+@pytest.mark.parametrize("up_init", ["reference", "identity"])
+def test_build_model_passes_up_init_to_every_transposed_conv(up_init):
+    model = build_model("resnet18", num_classes=2, dcn=False, up_init=up_init)
+    ups = [m for m in model.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert len(ups) == 3
+    kernel = KERNEL_1D[:, None] * KERNEL_1D[None, :]
+    for up in ups:
+        if up_init == "reference":  # every input feeds output 0 bilinearly; the rest keeps its random init
+            torch.testing.assert_close(up.weight[1, 0], kernel)
+            assert torch.count_nonzero(up.weight[1, 2]) > 0
+        else:  # channel c -> channel c only
+            torch.testing.assert_close(up.weight[1, 1], kernel)
+            assert torch.count_nonzero(up.weight[1, 0]) == 0 and torch.count_nonzero(up.weight[1, 2]) == 0

@@ -23,6 +23,7 @@ def build_model(
     num_classes: int = 80,
     pretrained: bool | str | Path = False,
     dcn: bool = True,
+    up_init: str = "reference",
 ) -> nn.Module:
     """Build a detector.
 
@@ -33,6 +34,9 @@ def build_model(
         pretrained: ``False``; ``True`` for torchvision's ImageNet trunk weights; or the path of
             a local trunk ``state_dict``.
         dcn: DCNv2 in the upsampling path (ResNet, DLA); ``False`` uses plain 3x3 convolutions.
+        up_init: how the ResNet's transposed convolutions start: ``"reference"`` (the official
+            code's bilinear fill, which reaches only output channel 0) or ``"identity"`` (every
+            channel upsampled bilinearly); see :func:`minicenternet.models.layers.fill_bilinear`.
 
     Returns:
         An ``nn.Module`` mapping ``(B, 3, H, W)`` images (``H, W`` divisible by 32) to the dict
@@ -42,7 +46,7 @@ def build_model(
     if task != "centernet":
         raise ValueError(f"unknown task {task!r}; available: 'centernet'")
     if arch in ("resnet18", "resnet101"):
-        return ResNetCenterNet(arch, num_classes, pretrained=pretrained, dcn=dcn)
+        return ResNetCenterNet(arch, num_classes, pretrained=pretrained, dcn=dcn, up_init=up_init)
     if arch in _PENDING:
         raise NotImplementedError(f"{_PENDING[arch]} is not implemented yet; available now: resnet18, resnet101")
     raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")

@@ -18,18 +18,18 @@ from torch import Tensor, nn
 from .heads import CenterNetHeads
 from .layers import conv3x3, fill_bilinear
 
-__all__ = ["ResNetCenterNet", "load_trunk_weights"]
+__all__ = ["TRUNKS", "ResNetCenterNet", "load_trunk_weights"]
 
-_TRUNKS = {
+TRUNKS = {  # arch -> (torchvision factory, weights enum name, trunk output channels)
     "resnet18": (torchvision.models.resnet18, "ResNet18_Weights", 512),
     "resnet101": (torchvision.models.resnet101, "ResNet101_Weights", 2048),
 }
 UP_CHANNELS = (256, 128, 64)
 
 
-def _up_stage(in_channels: int, out_channels: int, dcn: bool) -> nn.Sequential:
+def _up_stage(in_channels: int, out_channels: int, dcn: bool, up_init: str) -> nn.Sequential:
     up = nn.ConvTranspose2d(out_channels, out_channels, 4, stride=2, padding=1, bias=False)
-    fill_bilinear(up, "reference")
+    fill_bilinear(up, up_init)
     return nn.Sequential(
         conv3x3(in_channels, out_channels, dcn),
         nn.BatchNorm2d(out_channels),
@@ -51,7 +51,7 @@ def load_trunk_weights(trunk: nn.Module, source: str | Path | bool, arch: str) -
         arch: ``"resnet18"`` or ``"resnet101"``.
     """
     if source is True:
-        weights = getattr(torchvision.models, _TRUNKS[arch][1]).IMAGENET1K_V1
+        weights = getattr(torchvision.models, TRUNKS[arch][1]).IMAGENET1K_V1
         state = weights.get_state_dict(progress=False)
     else:
         path = Path(source)
@@ -85,6 +85,9 @@ class ResNetCenterNet(nn.Module):
             ``state_dict``.
         dcn: deformable (DCNv2) or plain 3x3 convolutions in the upsampling stages.
         head_channels: width of the heads' 3x3 convolution (64 in the paper for ResNet).
+        up_init: initialisation of the transposed convolutions, see
+            :func:`~minicenternet.models.layers.fill_bilinear`: ``"reference"`` (the official
+            code, quirk included) or ``"identity"`` (a true per-channel bilinear upsampler).
 
     Shape:
         ``(B, 3, H, W)`` with ``H, W`` divisible by 32 -> dict of ``(B, *, H/4, W/4)`` maps.
@@ -103,11 +106,12 @@ class ResNetCenterNet(nn.Module):
         pretrained: bool | str | Path = False,
         dcn: bool = True,
         head_channels: int = 64,
+        up_init: str = "reference",
     ) -> None:
         super().__init__()
-        if arch not in _TRUNKS:
-            raise ValueError(f"unknown ResNet arch {arch!r}; choose from {sorted(_TRUNKS)}")
-        factory, _, trunk_channels = _TRUNKS[arch]
+        if arch not in TRUNKS:
+            raise ValueError(f"unknown ResNet arch {arch!r}; choose from {sorted(TRUNKS)}")
+        factory, _, trunk_channels = TRUNKS[arch]
         trunk = factory(weights=None)
         if pretrained:
             load_trunk_weights(trunk, pretrained, arch)
@@ -116,7 +120,7 @@ class ResNetCenterNet(nn.Module):
         )
         stages, channels = [], trunk_channels
         for out_channels in UP_CHANNELS:
-            stages.append(_up_stage(channels, out_channels, dcn))
+            stages.append(_up_stage(channels, out_channels, dcn, up_init))
             channels = out_channels
         self.upsample = nn.Sequential(*stages)
         self.heads = CenterNetHeads(channels, num_classes, head_channels)

@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     pretrained = cfg.pretrained
     if cfg.pretrain_steps > 0 and not pretrained:
         pretrained = out / "trunk_pretrained.pt"
-        if not pretrained.is_file():  # a resumed run keeps the trunk it started from
+        if not (resume and pretrained.is_file()):  # a resumed run keeps the trunk it started from
             pretrain_trunk(
                 train_src, pretrained, cfg.arch, cfg.pretrain_steps, device=device, amp=cfg.amp, seed=cfg.seed,
                 progress=progress,

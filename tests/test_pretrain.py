@@ -103,3 +103,6 @@ def test_train_starts_from_the_pretrained_trunk(tiny_shapes, tmp_path):
     trunk2 = load_checkpoint(out2 / "trunk_pretrained.pt")
     torch.testing.assert_close(model["trunk.0.weight"], trunk2["conv1.weight"])
     torch.testing.assert_close(trunk2["conv1.weight"], trunk["conv1.weight"])  # same seed, same pre-training
+    # a new (not resumed) run in the same folder pre-trains again instead of reusing a stale trunk
+    train(replace(cfg, epochs=1), progress=False)
+    assert (out / "trunk_pretrained.pt").stat().st_mtime_ns != stamp

@@ -93,8 +93,10 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
       transposed convolutions initialised as true bilinear upsamplers (``up_init="identity"``),
       a trunk first pre-trained for 300 steps as a classifier of the training objects (see
       :mod:`minicenternet.pretrain`: from scratch, the class heatmaps stay identical for the
-      first ~1,000 steps), batch 16, Adam 5e-4 after a 100-step warm-up, 11 epochs with the
-      paper's drops at 90/140 and 120/140 of the run, flips but no random crops, bf16 autocast,
+      first ~1,000 steps), batch 16, Adam 5e-4 after a 100-step warm-up, 11 epochs with 10x
+      drops at 85 % and 95 % of the run (later than the paper's 90/140 and 120/140: the classes
+      are still being learnt at the full rate; measured AP 0.273 against 0.223 with the paper's
+      fractions), flips but no random crops, bf16 autocast,
       images decoded once into memory, no loader worker processes (they would compete with the
       two compute threads).
     """
@@ -104,8 +106,8 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
     else:
         cfg = TrainConfig(
             input_size=128, epochs=11, batch_size=16, lr=5e-4, warmup_iters=100, dcn=False, up_init="identity",
-            pretrain_steps=300, amp=True, num_workers=0, cache_images=True, random_crop=False, val_every=4,
-            device=str(device),
+            pretrain_steps=300, lr_drops=(0.85, 0.95), amp=True, num_workers=0, cache_images=True,
+            random_crop=False, val_every=4, device=str(device),
         )
     return replace(cfg, **overrides)
 

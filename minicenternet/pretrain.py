@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
 from .data.coco import CocoDetection, ImageReadError
-from .data.transforms import normalize_batch
+from .data.transforms import affine_matrix, normalize_batch, warp_image
 from .device import autocast
 from .models.resnet import TRUNKS
 
@@ -52,6 +51,7 @@ def object_crops(
         ``crops (N, 3, crop_size, crop_size)`` uint8 RGB and ``labels (N,)`` int64.
     """
     rng = np.random.default_rng(seed)
+    size = (crop_size, crop_size)
     crops, labels = [], []
     for index in range(len(source)):
         try:
@@ -62,12 +62,10 @@ def object_crops(
             side = max(x2 - x1, y2 - y1)
             if side < min_size:
                 continue
-            half = side * rng.uniform(*context) / 2
+            extent = side * rng.uniform(*context)
             cx = (x1 + x2) / 2 + rng.uniform(-shift, shift) * side
             cy = (y1 + y2) / 2 + rng.uniform(-shift, shift) * side
-            zoom = crop_size / (2 * half)
-            matrix = np.array([[zoom, 0, (half - cx) * zoom], [0, zoom, (half - cy) * zoom]], dtype=np.float32)
-            crops.append(cv2.warpAffine(record.image, matrix, (crop_size, crop_size), flags=cv2.INTER_LINEAR))
+            crops.append(warp_image(record.image, affine_matrix((cx, cy), extent, size), size))
             labels.append(int(label))
     if not crops:
         raise ValueError(f"{source.ann_file}: no object of at least {min_size} px to pre-train on")

@@ -19,7 +19,7 @@ def _train(args: argparse.Namespace) -> None:
 
     overrides = {
         name: getattr(args, name)
-        for name in ("arch", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps")
+        for name in ("arch", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every")
         if getattr(args, name) is not None
     }
     if args.dcn is not None:
@@ -40,9 +40,10 @@ def _train(args: argparse.Namespace) -> None:
 def _detector(args: argparse.Namespace):
     from .predict import Detector
 
+    test = {"input_size": args.input_size, "flip": args.flip, "scales": args.scales, "pad_variant": args.pad}
     return Detector.from_checkpoint(
-        args.checkpoint, device=args.device, input_size=args.input_size, flip=args.flip,
-        score_threshold=getattr(args, "threshold", 0.0), class_agnostic=getattr(args, "class_agnostic", False),
+        args.checkpoint, device=args.device, score_threshold=getattr(args, "threshold", 0.0),
+        class_agnostic=getattr(args, "class_agnostic", False), **{k: v for k, v in test.items() if v is not None},
     )
 
 
@@ -118,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--pretrain-steps", type=int, help="steps of classification pre-training of the trunk on object crops (0: none)"
     )
+    train.add_argument("--val-every", type=int, help="validate every N epochs as well as after the last (0: last only)")
     train.add_argument("--dcn", action=argparse.BooleanOptionalAction, default=None, help="DCNv2 upsampling")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.set_defaults(func=_train)
@@ -126,8 +128,19 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt")
         p.add_argument("--device")
-        p.add_argument("--input-size", type=int, help="fixed square input (default: original resolution, padded)")
-        p.add_argument("--flip", action="store_true", help="flip test")
+        p.add_argument(
+            "--input-size", type=int, help="fixed square input (default: as the checkpoint's run validated, else original resolution)"
+        )
+        p.add_argument(
+            "--flip", action=argparse.BooleanOptionalAction, default=None, help="flip test (default: as the checkpoint's run)"
+        )
+        p.add_argument(
+            "--scales", type=float, nargs="+", help="test scales, e.g. 0.75 1 1.25 (default: as the checkpoint's run)"
+        )
+        p.add_argument(
+            "--pad", choices=("reference", "minimal"),
+            help="padding at the original resolution: reference (256 -> 288) or minimal (256 -> 256); default: as the checkpoint's run",
+        )
         p.set_defaults(func=func)
     sub.choices["evaluate"].add_argument("--data", help="COCO-layout folder (default: shapes)")
     sub.choices["evaluate"].add_argument("--split", default="val")

@@ -12,10 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torchvision.ops import box_iou
+
 from .data.transforms import affine_matrix, apply_affine_to_boxes, invert_affine
 from .losses import clamped_sigmoid, gather_at
 
-__all__ = ["peak_mask", "decode_scores", "centernet_decode", "merge_flip", "padded_size", "boxes_to_image"]
+__all__ = [
+    "peak_mask", "decode_scores", "centernet_decode", "merge_flip", "padded_size", "boxes_to_image", "soft_nms",
+    "merge_scales",
+]
 
 
 def peak_mask(heat: Tensor, kernel: int = 3) -> Tensor:
@@ -130,3 +135,58 @@ def boxes_to_image(
     mapped[:, [0, 2]] = mapped[:, [0, 2]].clip(0, image_size[1])
     mapped[:, [1, 3]] = mapped[:, [1, 3]].clip(0, image_size[0])
     return mapped
+
+
+def soft_nms(
+    boxes: Tensor, scores: Tensor, labels: Tensor, sigma: float = 0.5, threshold: float = 1e-3
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gaussian soft-NMS (Bodla et al. 2017), class by class.
+
+    Repeatedly keeps the highest-scoring box of a class and multiplies the scores of the others
+    of that class by ``exp(-IoU^2 / sigma)``; boxes that fall below ``threshold`` are dropped.
+    ``sigma = 0.5`` and ``threshold = 0.001`` are the reference's settings for merging the
+    detections of several test scales. The reference computes IoU with its ``+1`` pixel
+    convention; here IoU is the continuous one of :func:`torchvision.ops.box_iou`.
+
+    Args:
+        boxes: ``(N, 4)`` ``xyxy``; scores: ``(N,)``; labels: ``(N,)`` int64.
+
+    Returns:
+        The kept ``boxes (M, 4)``, their decayed ``scores (M,)`` and ``labels (M,)``, in the
+        order they were kept within each class, classes in increasing order.
+    """
+    kept: list[tuple[Tensor, Tensor, Tensor]] = []
+    for label in labels.unique():
+        pick = labels == label
+        class_boxes, class_scores = boxes[pick].float(), scores[pick].float().clone()
+        while class_scores.numel():
+            best = int(class_scores.argmax())
+            kept.append((class_boxes[best], class_scores[best], label))
+            decay = torch.exp(-box_iou(class_boxes[best : best + 1], class_boxes)[0] ** 2 / sigma)
+            class_scores = class_scores * decay
+            class_scores[best] = 0.0
+            alive = class_scores >= threshold
+            class_boxes, class_scores = class_boxes[alive], class_scores[alive]
+    if not kept:
+        return boxes.new_zeros((0, 4)).float(), scores.new_zeros(0).float(), labels.new_zeros(0)
+    kept_boxes, kept_scores, kept_labels = zip(*kept)
+    return torch.stack(kept_boxes), torch.stack(kept_scores), torch.stack(kept_labels)
+
+
+def merge_scales(
+    detections: list[tuple[Tensor, Tensor, Tensor]], K: int = 100
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Multi-scale test of the reference code: pool the detections of every scale (boxes already
+    in original-image pixels), apply :func:`soft_nms` per class and keep the ``K`` best.
+
+    Args:
+        detections: one ``(boxes (N, 4), scores (N,), labels (N,))`` per test scale.
+        K: detections kept per image (100 in the reference).
+
+    Returns:
+        ``boxes (M, 4)``, ``scores (M,)``, ``labels (M,)`` with ``M <= K``, by decreasing score.
+    """
+    boxes, scores, labels = (torch.cat(parts) for parts in zip(*detections))
+    boxes, scores, labels = soft_nms(boxes, scores, labels)
+    order = scores.argsort(descending=True)[:K]
+    return boxes[order], scores[order], labels[order]

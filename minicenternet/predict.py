@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint
 from .data.coco import read_image
 from .data.transforms import affine_matrix, normalize_batch, warp_image
 from .device import autocast, default_device
-from .decode import boxes_to_image, decode_scores, merge_flip, padded_size
+from .decode import boxes_to_image, decode_scores, merge_flip, merge_scales, padded_size
 from .losses import clamped_sigmoid
 from .models import build_model
 
@@ -52,6 +52,12 @@ class Detector:
             multiple of 32 as the paper does; an int ``S`` resizes the longer side to ``S`` and
             pads to ``S x S`` (the training-time view).
         flip: flip test (average the heatmaps and sizes of the image and its mirror).
+        scales: test scales. Each resizes the original image by the factor (to
+            ``int(H * s) x int(W * s)``, as the reference; here the resize is folded into the
+            one affine warp), then tests it as ``input_size=None`` does; with more than one, the detections of all scales (each
+            with its own flip test) are pooled and merged by per-class Gaussian soft-NMS, then
+            the ``K`` best kept: the reference's multi-scale test (it uses 0.5, 0.75, 1, 1.25,
+            1.5). Needs ``input_size=None``.
         K: detections per image before the score threshold (100 in the paper).
         score_threshold: drop detections below this score.
         device: where the network runs (default: :func:`default_device`).
@@ -61,6 +67,8 @@ class Detector:
         class_agnostic: merge the class heatmaps (maximum over classes) before peak extraction
             and label every detection 0: the detector's localisation alone, a diagnostic for
             how much AP the classification costs (evaluate it with ``class_agnostic`` COCOeval).
+        channels_last: run the network in the channels-last memory format (NHWC), about 25 %
+            faster on this project's CPU; the model is converted in place.
     """
 
     def __init__(
@@ -68,6 +76,7 @@ class Detector:
         model: nn.Module,
         input_size: int | None = None,
         flip: bool = False,
+        scales: Sequence[float] = (1.0,),
         K: int = 100,
         score_threshold: float = 0.0,
         device: str | torch.device | None = None,
@@ -75,45 +84,56 @@ class Detector:
         pad_variant: str = "reference",
         amp: bool = False,
         class_agnostic: bool = False,
+        channels_last: bool = True,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
-        self.model = model.to(self.device).eval()
-        self.input_size, self.flip, self.K = input_size, flip, K
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format).eval()
+        if input_size is not None and tuple(scales) != (1.0,):
+            raise ValueError(f"multi-scale test resizes the original image: use input_size=None, not {input_size}")
+        self.input_size, self.flip, self.scales, self.K = input_size, flip, tuple(float(v) for v in scales), K
         self.score_threshold, self.pad_variant, self.amp = score_threshold, pad_variant, amp
         self.class_agnostic = class_agnostic
         self.class_names = list(class_names) if class_names is not None else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None, **kwargs) -> "Detector":
-        """Rebuild the model recorded in a training checkpoint and wrap it."""
+        """Rebuild the model recorded in a training checkpoint and wrap it.
+
+        Settings not given in ``kwargs`` come from the checkpoint's ``test_config`` (the
+        ``input_size``, ``flip``, ``scales`` and ``pad_variant`` its training run validated with), so the
+        detector reproduces the run's AP; checkpoints without one get the class defaults.
+        """
         checkpoint = load_checkpoint(path, map_location="cpu")
         meta = checkpoint["model_config"]
         model = build_model(meta["arch"], num_classes=meta["num_classes"], dcn=meta["dcn"])
         model.load_state_dict(checkpoint["model"])
         kwargs.setdefault("class_names", meta.get("class_names"))
+        for name, value in checkpoint.get("test_config", {}).items():
+            kwargs.setdefault(name, value)
         return cls(model, device=device, **kwargs)
 
-    def _crop(self, height: int, width: int) -> tuple[np.ndarray, float, tuple[int, int]]:
-        """Centre, scale and input size ``(H_in, W_in)`` of the test-time affine map."""
+    def _crop(self, height: int, width: int, test_scale: float) -> tuple[np.ndarray, float, tuple[int, int]]:
+        """Centre and side ``s`` (original pixels) and input size ``(H_in, W_in)`` of the affine
+        map that tests the image resized by ``test_scale``."""
         if self.input_size is None:
+            height, width = int(height * test_scale), int(width * test_scale)  # the reference's resize
             center = np.array([width // 2, height // 2], dtype=np.float32)  # integer shift, as the reference
             size = (padded_size(height, self.pad_variant), padded_size(width, self.pad_variant))
-            return center, float(size[1]), size
+            return center / test_scale, size[1] / test_scale, size
         center = np.array([width / 2, height / 2], dtype=np.float32)
         return center, float(max(height, width)), (self.input_size, self.input_size)
 
-    @torch.inference_mode()
-    def predict_one(self, image: ImageLike) -> dict[str, Tensor]:
-        """Detections of one image: ``{"boxes": (N, 4) xyxy pixels, "scores": (N,), "labels": (N,)}``."""
-        rgb = _as_rgb_uint8(image)
+    def _detect(self, rgb: np.ndarray, test_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-K detections at one test scale: ``boxes (K, 4)`` in original pixels, ``scores (K,)``, ``labels (K,)``."""
         height, width = rgb.shape[:2]
-        center, scale, in_size = self._crop(height, width)
+        center, scale, in_size = self._crop(height, width, test_scale)
         warped = warp_image(rgb, affine_matrix(center, scale, in_size), in_size)
         batch = torch.from_numpy(warped).permute(2, 0, 1)[None].to(self.device)
         if self.flip:
             batch = torch.cat([batch, batch.flip(3)])
         with autocast(self.device, self.amp):
-            outputs = self.model(normalize_batch(batch))
+            outputs = self.model(normalize_batch(batch).contiguous(memory_format=self.memory_format))
         if self.flip:
             heat, wh, reg = merge_flip(outputs)
         else:
@@ -121,10 +141,17 @@ class Detector:
         if self.class_agnostic:
             heat = heat.amax(1, keepdim=True)
         boxes, scores, labels = decode_scores(heat, wh, reg, self.K)
-        keep = scores[0] >= self.score_threshold
-        out_size = (heat.shape[2], heat.shape[3])
-        mapped = boxes_to_image(boxes[0][keep], center, scale, out_size, (height, width))
-        return {"boxes": torch.from_numpy(mapped), "scores": scores[0][keep].cpu(), "labels": labels[0][keep].cpu()}
+        mapped = boxes_to_image(boxes[0], center, scale, (heat.shape[2], heat.shape[3]), (height, width))
+        return torch.from_numpy(mapped), scores[0].float().cpu(), labels[0].cpu()
+
+    @torch.inference_mode()
+    def predict_one(self, image: ImageLike) -> dict[str, Tensor]:
+        """Detections of one image: ``{"boxes": (N, 4) xyxy pixels, "scores": (N,), "labels": (N,)}``."""
+        rgb = _as_rgb_uint8(image)
+        per_scale = [self._detect(rgb, test_scale) for test_scale in self.scales]
+        boxes, scores, labels = per_scale[0] if len(per_scale) == 1 else merge_scales(per_scale, self.K)
+        keep = scores >= self.score_threshold
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> list[dict[str, Tensor]]:
         """Predictions for one image or a list of images (paths, ``(H, W, 3)`` uint8 RGB arrays

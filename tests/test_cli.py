@@ -16,6 +16,7 @@ from minicenternet.data.coco import CocoDetection
 from minicenternet.data.shapes import CLASSES
 from minicenternet.evaluate import METRIC_NAMES, evaluate
 from minicenternet.predict import Detector
+from minicenternet.train import default_config
 
 
 def _run(argv: list[str]) -> str:
@@ -89,6 +90,27 @@ def test_evaluate_command_prints_the_ap_table(trained, tiny_shapes):
     )
     assert "(train, 8 images)" in text
     _table(text)
+
+
+def test_evaluate_command_tests_as_the_run_validated(trained, tiny_shapes):
+    """Without test flags, ``evaluate`` uses the checkpoint's test settings and reproduces the AP the
+    run stored; flags override them one by one."""
+    out, _ = trained
+    best = load_checkpoint(out / "best.pt")
+    preset = default_config("cpu")
+    assert best["test_config"] == {
+        "input_size": None, "flip": preset.eval_flip, "scales": preset.eval_scales, "pad_variant": preset.eval_pad
+    }
+    argv = ["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(tiny_shapes), "--device", "cpu"]
+    for name, value in _table(_run(argv)).items():
+        assert value == pytest.approx(best["metrics"][name], abs=5e-4)
+    printed = _table(_run(argv + ["--no-flip", "--pad", "reference", "--scales", "1", "--input-size", "64"]))
+    detector = Detector.from_checkpoint(
+        out / "best.pt", device="cpu", flip=False, pad_variant="reference", scales=(1.0,), input_size=64
+    )
+    expected = evaluate(detector, CocoDetection.from_root(tiny_shapes, "val"), progress=False)
+    for name, value in printed.items():
+        assert value == pytest.approx(expected[name], abs=5e-4)
 
 
 def test_evaluate_command_class_agnostic(trained, tiny_shapes):

@@ -3,6 +3,8 @@ padding and the inverse affine map."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +15,10 @@ from minicenternet.decode import (
     centernet_decode,
     decode_scores,
     merge_flip,
+    merge_scales,
     padded_size,
     peak_mask,
+    soft_nms,
 )
 from minicenternet.losses import clamped_sigmoid
 from minicenternet.targets import encode_centernet
@@ -241,3 +245,37 @@ def test_boxes_to_image_clips_to_the_image():
     out_boxes = np.array([[-2.0, -2.0, 30.0, 20.0], [6.0, 5.6, 18.0, 30.0]], dtype=np.float32)
     back = boxes_to_image(out_boxes, center, scale, out_size, image_size)
     np.testing.assert_allclose(back, [[0, 0, 100, 60], [25, 20, 75, 60]], atol=1e-4)
+
+
+def test_soft_nms_decays_by_overlap_and_reorders():
+    """Hand-computed Gaussian soft-NMS (sigma 0.5). Class 0: A [0,0,10,10] 0.9, B [5,0,15,10] 0.85,
+    C [10,0,20,10] 0.8; IoU(A, B) = IoU(B, C) = 50 / 150 = 1/3, IoU(A, C) = 0. Keep A; B decays to
+    0.85 exp(-(1/9) / 0.5) = 0.6808 and falls below C; keep C; B decays again by the same factor to
+    0.5451. Class 1 (D, on top of A) is never compared with class 0. E (a copy of A at 0.005)
+    decays to 0.005 exp(-2) = 0.00068 < 0.001 and is dropped."""
+    boxes = torch.tensor(
+        [[0, 0, 10, 10], [5, 0, 15, 10], [10, 0, 20, 10], [0, 0, 10, 10], [0, 0, 10, 10]], dtype=torch.float32
+    )
+    scores = torch.tensor([0.9, 0.85, 0.8, 0.3, 0.005])
+    labels = torch.tensor([0, 0, 0, 1, 0])
+    kept_boxes, kept_scores, kept_labels = soft_nms(boxes, scores, labels)
+    factor = math.exp(-(1 / 9) / 0.5)
+    torch.testing.assert_close(kept_scores, torch.tensor([0.9, 0.8, 0.85 * factor * factor, 0.3]))
+    assert kept_labels.tolist() == [0, 0, 0, 1]
+    assert torch.equal(kept_boxes, boxes[[0, 2, 1, 3]])
+    empty = soft_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    assert [t.shape for t in empty] == [(0, 4), (0,), (0,)]
+
+
+def test_merge_scales_pools_suppresses_and_keeps_the_best_K():
+    """The same box found at two scales is kept once at full score (the copy decays by exp(-1 / 0.5));
+    distinct boxes survive; the result is sorted and capped at K."""
+    box = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
+    far = torch.tensor([[100.0, 100.0, 120.0, 140.0]])
+    first = (torch.cat([box, far]), torch.tensor([0.9, 0.5]), torch.tensor([2, 2]))
+    second = (box.clone(), torch.tensor([0.7]), torch.tensor([2]))
+    boxes, scores, labels = merge_scales([first, second], K=100)
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.5, 0.7 * math.exp(-2)]))
+    assert torch.equal(boxes, torch.cat([box, far, box])) and labels.tolist() == [2, 2, 2]
+    boxes, scores, labels = merge_scales([first, second], K=2)
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.5]))

@@ -9,7 +9,7 @@ import torch
 
 from minicenternet.checkpoint import save_checkpoint
 from minicenternet.data.transforms import normalize_batch
-from minicenternet.decode import decode_scores
+from minicenternet.decode import decode_scores, merge_scales
 from minicenternet.losses import clamped_sigmoid
 from minicenternet.models import build_model
 from minicenternet.predict import Detector
@@ -142,3 +142,76 @@ def test_from_checkpoint_round_trip(model, image, tmp_path):
     _assert_same(restored(image)[0], Detector(model, input_size=64, device="cpu")(image)[0])
     renamed = Detector.from_checkpoint(path, device="cpu", input_size=64, class_names=["x", "y", "z"])
     assert renamed.class_names == ["x", "y", "z"]
+
+
+def test_from_checkpoint_takes_the_runs_test_settings(model, image, tmp_path):
+    test_config = {"input_size": 96, "flip": True, "pad_variant": "minimal"}
+    path = save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "model_config": {"arch": "resnet18", "num_classes": NUM_CLASSES, "dcn": False},
+            "test_config": test_config,
+        },
+        tmp_path / "best.pt",
+    )
+    restored = Detector.from_checkpoint(path, device="cpu")
+    assert (restored.input_size, restored.flip, restored.pad_variant) == (96, True, "minimal")
+    _assert_same(restored(image)[0], Detector(model, device="cpu", **test_config)(image)[0])
+    overridden = Detector.from_checkpoint(path, device="cpu", input_size=None, flip=False)
+    assert (overridden.input_size, overridden.flip, overridden.pad_variant) == (None, False, "minimal")
+
+
+def test_a_test_scale_resizes_the_image_before_padding(model):
+    """scales=(0.5,): a 70x90 image becomes 35x45 (the reference's int(H * s)), centred at its
+    integer centre (22, 17) in a 64x64 input (35, 45 -> 64), so original pixel (X, Y) sits at
+    (X / 2 + 10, Y / 2 + 15) and a stride-4 box maps back by X = 8 x' - 20, Y = 8 y' - 30."""
+    rgb = np.full((70, 90, 3), 200, dtype=np.uint8)
+    seen = {}
+    handle = model.register_forward_hook(lambda module, args, out: seen.update(input=args[0], out=out))
+    try:
+        pred = Detector(model, scales=(0.5,), pad_variant="reference", device="cpu", K=20)(rgb)[0]
+    finally:
+        handle.remove()
+    _check_prediction(pred, 70, 90)
+    assert seen["input"].shape == (1, 3, 64, 64)
+    expected_input = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    expected_input[..., 15:50, 10:55] = 200  # the resized image: rows 15 .. 49, columns 10 .. 54
+    torch.testing.assert_close(seen["input"], normalize_batch(expected_input))
+    out = seen["out"]
+    boxes, scores, _ = decode_scores(clamped_sigmoid(out["hm"]), out["wh"], out["reg"], K=20)
+    expected = boxes[0] * 8 - torch.tensor([20.0, 30.0, 20.0, 30.0])
+    expected = torch.minimum(expected.clamp(min=0), torch.tensor([90.0, 70.0, 90.0, 70.0]))
+    expected = torch.cat([torch.minimum(expected[:, :2], expected[:, 2:]), torch.maximum(expected[:, :2], expected[:, 2:])], 1)
+    torch.testing.assert_close(pred["boxes"], expected, atol=1e-4, rtol=0)
+    assert torch.equal(pred["scores"], scores[0])
+
+
+def test_multi_scale_test_merges_the_single_scales(model, image):
+    """Two scales (each with its flip test): the result is merge_scales of the two one-scale results."""
+    inputs = []
+    handle = model.register_forward_hook(lambda module, args, out: inputs.append(args[0].shape))
+    try:
+        pred = Detector(model, scales=(0.5, 1.5), flip=True, pad_variant="minimal", device="cpu", K=30)(image)[0]
+    finally:
+        handle.remove()
+    assert inputs == [(2, 3, 32, 32), (2, 3, 96, 96)]  # 48x60 -> 24x30 -> 32; 72x90 -> 96
+    _check_prediction(pred, 48, 60)
+    assert len(pred["scores"]) <= 30
+    singles = [Detector(model, scales=(s,), flip=True, pad_variant="minimal", device="cpu", K=30)(image)[0] for s in (0.5, 1.5)]
+    boxes, scores, labels = merge_scales([(p["boxes"], p["scores"], p["labels"]) for p in singles], K=30)
+    _assert_same(pred, {"boxes": boxes, "scores": scores, "labels": labels})
+
+
+def test_multi_scale_needs_the_original_resolution(model):
+    with pytest.raises(ValueError, match="input_size=None"):
+        Detector(model, input_size=64, scales=(0.5, 1.0))
+
+
+def test_channels_last_changes_the_layout_not_the_detections(model, image):
+    nhwc = Detector(model, input_size=64, device="cpu")(image)[0]
+    assert model.trunk[0].weight.is_contiguous(memory_format=torch.channels_last)
+    nchw = Detector(model, input_size=64, device="cpu", channels_last=False)(image)[0]
+    assert model.trunk[0].weight.is_contiguous()
+    torch.testing.assert_close(nhwc["scores"], nchw["scores"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(nhwc["boxes"], nchw["boxes"], atol=1e-3, rtol=0)
+    assert torch.equal(nhwc["labels"], nchw["labels"])

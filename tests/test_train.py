@@ -14,8 +14,10 @@ from minicenternet.data.centernet_dataset import CenterNetDataset
 from minicenternet.data.coco import CocoDetection
 from minicenternet.data.shapes import CLASSES
 from minicenternet.data.transforms import normalize_batch
+from minicenternet.evaluate import evaluate
 from minicenternet.losses import centernet_loss
 from minicenternet.models import build_model
+from minicenternet.predict import Detector
 from minicenternet.train import TrainConfig, lr_factor, train
 
 DROPS = (90 / 140, 120 / 140)
@@ -97,6 +99,25 @@ def test_train_end_to_end_and_resume(tiny_shapes, tmp_path):
     assert last["epoch"] == 3 and len(last["history"]) == 3
     assert last["scheduler"]["last_epoch"] == 6
     assert all(s["step"] == 6 for s in last["optimizer"]["state"].values())
+
+
+def test_validation_after_the_last_epoch_only_with_the_runs_test_settings(tiny_shapes, tmp_path):
+    """val_every=0 validates once, at the end, with the eval_* settings; best.pt records them and
+    Detector.from_checkpoint reproduces the stored AP."""
+    cfg = TrainConfig(
+        data=str(tiny_shapes), out=str(tmp_path / "run"), input_size=64, epochs=2, batch_size=4, num_workers=0,
+        val_every=0, dcn=False, amp=False, device="cpu", eval_flip=True, eval_scales=(0.5, 1.0), eval_pad="minimal",
+    )
+    train(cfg, progress=False)
+    records = _read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert "AP" not in records[0] and "AP" in records[1]
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["test_config"] == {"input_size": None, "flip": True, "scales": (0.5, 1.0), "pad_variant": "minimal"}
+    detector = Detector.from_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
+    again = evaluate(detector, CocoDetection.from_root(tiny_shapes, "val"), progress=False)
+    for name in METRICS:
+        assert again[name] == pytest.approx(best["metrics"][name], abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class Detector:
         """Rebuild the model recorded in a training checkpoint and wrap it.
 
         Settings not given in ``kwargs`` come from the checkpoint's ``test_config`` (the
-        ``input_size``, ``flip``, ``scales`` and ``pad_variant`` its training run validated with), so the
+        ``input_size``, ``flip``, ``scales``, ``pad_variant`` and ``amp`` its training run validated with), so the
         detector reproduces the run's AP; checkpoints without one get the class defaults.
         """
         checkpoint = load_checkpoint(path, map_location="cpu")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .checkpoint import save_checkpoint
 from .data.coco import CocoDetection, ImageReadError
 from .data.transforms import affine_matrix, normalize_batch, warp_image
-from .device import autocast
+from .device import autocast, fused_adam
 from .models.resnet import TRUNKS
 
 __all__ = ["object_crops", "pretrain_trunk"]
@@ -100,7 +100,7 @@ def pretrain_trunk(
     crops, labels = object_crops(source, crop_size, seed=seed)
     torch.manual_seed(seed)
     model = TRUNKS[arch][0](num_classes=source.num_classes).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused_adam(device))
     model.train()
     bar = tqdm(range(steps), desc="pre-train trunk", disable=not progress, leave=False)
     for _ in bar:

@@ -99,7 +99,8 @@ def test_evaluate_command_tests_as_the_run_validated(trained, tiny_shapes):
     best = load_checkpoint(out / "best.pt")
     preset = default_config("cpu")
     assert best["test_config"] == {
-        "input_size": None, "flip": preset.eval_flip, "scales": preset.eval_scales, "pad_variant": preset.eval_pad
+        "input_size": None, "flip": preset.eval_flip, "scales": preset.eval_scales, "pad_variant": preset.eval_pad,
+        "amp": preset.amp,
     }
     argv = ["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(tiny_shapes), "--device", "cpu"]
     for name, value in _table(_run(argv)).items():

@@ -65,30 +65,39 @@ def test_three_input_forms_give_the_same_result(model, image, tmp_path):
     _assert_same(both[1], from_path[0])
 
 
+def _predict_and_watch(detector: Detector, rgb: np.ndarray) -> tuple[dict, dict]:
+    """The detector's prediction for ``rgb`` and the network's last ``input`` and ``out``."""
+    seen = {}
+    handle = detector.model.register_forward_hook(lambda module, args, out: seen.update(input=args[0], out=out))
+    try:
+        return detector(rgb)[0], seen
+    finally:
+        handle.remove()
+
+
+def _check_mapped_back(pred: dict, out: dict, factor: float, shift: tuple[float, float], image_hw: tuple[int, int]) -> None:
+    """``pred`` is the top-K decoding of ``out`` with every stride-4 box mapped to the image by
+    ``x = factor x' - shift_x``, ``y = factor y' - shift_y`` and clipped to the image."""
+    boxes, scores, labels = decode_scores(clamped_sigmoid(out["hm"]), out["wh"], out["reg"], K=len(pred["scores"]))
+    expected = boxes[0] * factor - torch.tensor([*shift, *shift])
+    expected = torch.minimum(expected.clamp(min=0), torch.tensor([image_hw[1], image_hw[0]] * 2, dtype=torch.float32))
+    # reorder corners where a (near-zero, random) size is negative
+    expected = torch.cat([torch.minimum(expected[:, :2], expected[:, 2:]), torch.maximum(expected[:, :2], expected[:, 2:])], 1)
+    torch.testing.assert_close(pred["boxes"], expected, atol=1e-4, rtol=0)
+    assert torch.equal(pred["scores"], scores[0]) and torch.equal(pred["labels"], labels[0])
+
+
 def test_original_resolution_is_padded_and_mapped_back(model):
     """input_size=None: a 70x90 image is centred in a 96x96 input (padded_size: 70 -> 96, 90 -> 96)
     at scale 1, so image pixel (x, y) sits at (x + 3, y + 13) and a stride-4 box maps back by
     x = 4 x' - 3, y = 4 y' - 13, clipped to the image."""
     rgb = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
-    seen = {}
-    handle = model.register_forward_hook(lambda module, args, out: seen.update(input=args[0], out=out))
-    try:
-        pred = Detector(model, input_size=None, device="cpu", K=20)(rgb)[0]
-    finally:
-        handle.remove()
+    pred, seen = _predict_and_watch(Detector(model, input_size=None, device="cpu", K=20), rgb)
     _check_prediction(pred, 70, 90)
     padded = torch.zeros(1, 3, 96, 96, dtype=torch.uint8)
     padded[0, :, 13:83, 3:93] = torch.from_numpy(rgb).permute(2, 0, 1)
     torch.testing.assert_close(seen["input"], normalize_batch(padded))
-
-    out = seen["out"]
-    boxes, scores, labels = decode_scores(clamped_sigmoid(out["hm"]), out["wh"], out["reg"], K=20)
-    expected = boxes[0] * 4 - torch.tensor([3.0, 13.0, 3.0, 13.0])
-    expected = torch.minimum(expected.clamp(min=0), torch.tensor([90.0, 70.0, 90.0, 70.0]))
-    # reorder corners where a (near-zero, random) size is negative
-    expected = torch.cat([torch.minimum(expected[:, :2], expected[:, 2:]), torch.maximum(expected[:, :2], expected[:, 2:])], 1)
-    torch.testing.assert_close(pred["boxes"], expected, atol=1e-4, rtol=0)
-    assert torch.equal(pred["scores"], scores[0]) and torch.equal(pred["labels"], labels[0])
+    _check_mapped_back(pred, seen["out"], 4.0, (3.0, 13.0), (70, 90))
 
 
 def test_flip_test_runs_on_the_image_and_its_mirror(model, image):
@@ -166,24 +175,13 @@ def test_a_test_scale_resizes_the_image_before_padding(model):
     integer centre (22, 17) in a 64x64 input (35, 45 -> 64), so original pixel (X, Y) sits at
     (X / 2 + 10, Y / 2 + 15) and a stride-4 box maps back by X = 8 x' - 20, Y = 8 y' - 30."""
     rgb = np.full((70, 90, 3), 200, dtype=np.uint8)
-    seen = {}
-    handle = model.register_forward_hook(lambda module, args, out: seen.update(input=args[0], out=out))
-    try:
-        pred = Detector(model, scales=(0.5,), pad_variant="reference", device="cpu", K=20)(rgb)[0]
-    finally:
-        handle.remove()
+    detector = Detector(model, scales=(0.5,), pad_variant="reference", device="cpu", K=20)
+    pred, seen = _predict_and_watch(detector, rgb)
     _check_prediction(pred, 70, 90)
-    assert seen["input"].shape == (1, 3, 64, 64)
     expected_input = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
     expected_input[..., 15:50, 10:55] = 200  # the resized image: rows 15 .. 49, columns 10 .. 54
     torch.testing.assert_close(seen["input"], normalize_batch(expected_input))
-    out = seen["out"]
-    boxes, scores, _ = decode_scores(clamped_sigmoid(out["hm"]), out["wh"], out["reg"], K=20)
-    expected = boxes[0] * 8 - torch.tensor([20.0, 30.0, 20.0, 30.0])
-    expected = torch.minimum(expected.clamp(min=0), torch.tensor([90.0, 70.0, 90.0, 70.0]))
-    expected = torch.cat([torch.minimum(expected[:, :2], expected[:, 2:]), torch.maximum(expected[:, :2], expected[:, 2:])], 1)
-    torch.testing.assert_close(pred["boxes"], expected, atol=1e-4, rtol=0)
-    assert torch.equal(pred["scores"], scores[0])
+    _check_mapped_back(pred, seen["out"], 8.0, (20.0, 30.0), (70, 90))
 
 
 def test_multi_scale_test_merges_the_single_scales(model, image):

@@ -14,6 +14,7 @@ from minicenternet.data.centernet_dataset import CenterNetDataset
 from minicenternet.data.coco import CocoDetection
 from minicenternet.data.shapes import CLASSES
 from minicenternet.data.transforms import normalize_batch
+from minicenternet.device import fused_adam
 from minicenternet.evaluate import evaluate
 from minicenternet.losses import centernet_loss
 from minicenternet.models import build_model
@@ -113,11 +114,34 @@ def test_validation_after_the_last_epoch_only_with_the_runs_test_settings(tiny_s
     assert [r["epoch"] for r in records] == [1, 2]
     assert "AP" not in records[0] and "AP" in records[1]
     best = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert best["test_config"] == {"input_size": None, "flip": True, "scales": (0.5, 1.0), "pad_variant": "minimal"}
+    assert best["test_config"] == {
+        "input_size": None, "flip": True, "scales": (0.5, 1.0), "pad_variant": "minimal", "amp": False
+    }
     detector = Detector.from_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
     again = evaluate(detector, CocoDetection.from_root(tiny_shapes, "val"), progress=False)
     for name in METRICS:
         assert again[name] == pytest.approx(best["metrics"][name], abs=1e-6)
+
+
+def test_fused_adam_takes_the_same_steps_as_the_default_adam():
+    """fused_adam picks the fused kernel on CPU and CUDA only; on CPU it follows the default Adam
+    step for step (same rule, different kernel)."""
+    assert fused_adam("cpu") is True and fused_adam(torch.device("cuda")) is True and fused_adam("mps") is None
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(3)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(5)]
+    final = []
+    for fused in (None, fused_adam("cpu")):
+        params = [p.clone().requires_grad_() for p in start]
+        optimizer = torch.optim.Adam(params, lr=1e-2, fused=fused)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+        final.append(params)
+    for before, default, fused in zip(start, *final):
+        assert (default - before).norm() > 1e-2  # the parameters moved
+        torch.testing.assert_close(fused, default, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

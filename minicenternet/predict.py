@@ -54,10 +54,10 @@ class Detector:
         flip: flip test (average the heatmaps and sizes of the image and its mirror).
         scales: test scales. Each resizes the original image by the factor (to
             ``int(H * s) x int(W * s)``, as the reference; here the resize is folded into the
-            one affine warp), then tests it as ``input_size=None`` does; with more than one, the detections of all scales (each
-            with its own flip test) are pooled and merged by per-class Gaussian soft-NMS, then
-            the ``K`` best kept: the reference's multi-scale test (it uses 0.5, 0.75, 1, 1.25,
-            1.5). Needs ``input_size=None``.
+            one affine warp), then tests it as ``input_size=None`` does. With more than one,
+            the detections of all scales (each with its own flip test) are pooled and merged
+            by per-class Gaussian soft-NMS, then the ``K`` best kept: the reference's
+            multi-scale test (it uses 0.5, 0.75, 1, 1.25, 1.5). Needs ``input_size=None``.
         K: detections per image before the score threshold (100 in the paper).
         score_threshold: drop detections below this score.
         device: where the network runs (default: :func:`default_device`).
@@ -101,8 +101,9 @@ class Detector:
         """Rebuild the model recorded in a training checkpoint and wrap it.
 
         Settings not given in ``kwargs`` come from the checkpoint's ``test_config`` (the
-        ``input_size``, ``flip``, ``scales``, ``pad_variant`` and ``amp`` its training run validated with), so the
-        detector reproduces the run's AP; checkpoints without one get the class defaults.
+        ``input_size``, ``flip``, ``scales``, ``pad_variant`` and ``amp`` its training run
+        validated with), so the detector reproduces the run's AP; checkpoints without one get
+        the class defaults.
         """
         checkpoint = load_checkpoint(path, map_location="cpu")
         meta = checkpoint["model_config"]

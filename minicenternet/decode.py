@@ -95,16 +95,20 @@ def merge_flip(outputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return heat, wh, outputs["reg"][:half]
 
 
-def padded_size(size: int, variant: str = "reference") -> int:
+def padded_size(size: int, variant: str = "reference", multiple: int = 32) -> int:
     """Input side used for testing at the original resolution (CenterNet Sec. 5).
 
-    ``"reference"``: ``(size | 31) + 1``, as the official code; a side already divisible by 32
-    still gets 32 more pixels (256 -> 288). ``"minimal"``: the next multiple of 32 (256 -> 256).
+    ``multiple`` is the network's input multiple: 32 for ResNet and DLA, 128 for Hourglass (the
+    model's ``pad_multiple``). ``"reference"``: ``(size | (multiple - 1)) + 1``, as the official
+    code; a side already divisible still gets ``multiple`` more pixels (256 -> 288 for 32).
+    ``"minimal"``: the next multiple (256 -> 256).
     """
+    if multiple < 1 or multiple & (multiple - 1):
+        raise ValueError(f"multiple must be a power of two, got {multiple}")
     if variant == "reference":
-        return (size | 31) + 1
+        return (size | (multiple - 1)) + 1
     if variant == "minimal":
-        return -(-size // 32) * 32
+        return -(-size // multiple) * multiple
     raise ValueError(f"variant must be 'reference' or 'minimal', got {variant!r}")
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
@@ -38,6 +40,9 @@ def coco_eval(
 ) -> dict[str, float]:
     """Run ``COCOeval`` (iouType ``bbox``) and return the six headline numbers.
 
+    COCOeval writes -1 for a size range with no ground-truth object; that is returned as ``nan``
+    (missing), not as an AP of 0.
+
     Args:
         dataset: the ground truth.
         detections: COCO result entries (see :func:`coco_detections`).
@@ -45,17 +50,15 @@ def coco_eval(
         class_agnostic: match detections to ground truth whatever their categories
             (``COCOeval.params.useCats = 0``).
     """
-    if not detections:
-        return dict.fromkeys(METRIC_NAMES, 0.0)
     with contextlib.redirect_stdout(io.StringIO()):
-        results = dataset.coco.loadRes(detections)
+        results = dataset.coco.loadRes(detections) if detections else COCO()
         evaluator = COCOeval(dataset.coco, results, "bbox")
         evaluator.params.imgIds = list(image_ids) if image_ids is not None else dataset.image_ids
         evaluator.params.useCats = 0 if class_agnostic else 1
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: max(0.0, float(value)) for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
+    return {name: float(value) if value >= 0 else math.nan for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
 
 
 def evaluate(detector: Detector, dataset: CocoDetection, limit: int | None = None, progress: bool = True) -> dict[str, float]:
@@ -70,7 +73,7 @@ def evaluate(detector: Detector, dataset: CocoDetection, limit: int | None = Non
 
 
 def format_table(metrics: dict[str, float]) -> str:
-    """The metrics as a two-line table."""
+    """The metrics as a two-line table; a missing value (``nan``: no object of that size) prints as ``-``."""
     header = " ".join(f"{name:>6}" for name in METRIC_NAMES)
-    values = " ".join(f"{metrics[name]:6.3f}" for name in METRIC_NAMES)
+    values = " ".join(f"{'-':>6}" if math.isnan(metrics[name]) else f"{metrics[name]:6.3f}" for name in METRIC_NAMES)
     return f"{header}\n{values}"

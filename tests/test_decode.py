@@ -222,6 +222,11 @@ def test_merge_flip_averages_heat_and_sizes():
 def test_padded_size():
     assert [padded_size(s) for s in (256, 255, 300, 1, 31, 32)] == [288, 256, 320, 32, 32, 64]
     assert [padded_size(s, "minimal") for s in (256, 255, 300, 1, 32, 33)] == [256, 256, 320, 32, 32, 64]
+    # Hourglass pads to a multiple of 128: (s | 127) + 1, or the next multiple
+    assert [padded_size(s, "reference", 128) for s in (256, 255, 300, 511, 512)] == [384, 256, 384, 512, 640]
+    assert [padded_size(s, "minimal", 128) for s in (256, 255, 300, 1)] == [256, 256, 384, 128]
+    with pytest.raises(ValueError, match="power of two"):
+        padded_size(100, "minimal", 96)
     with pytest.raises(ValueError, match="variant"):
         padded_size(100, "maximal")
 

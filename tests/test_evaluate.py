@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from minicenternet.data.coco import CocoDetection
-from minicenternet.evaluate import coco_detections, coco_eval, evaluate
+from minicenternet.evaluate import coco_detections, coco_eval, evaluate, format_table
 from minicenternet.predict import Detector
 
 
@@ -31,6 +32,17 @@ def one_box(tmp_path) -> CocoDetection:
 
 def _prediction(label: int) -> dict:
     return {"boxes": torch.tensor([[16.0, 16.0, 48.0, 40.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([label])}
+
+
+def test_size_ranges_without_objects_are_missing_not_zero(one_box):
+    """The only object is 32x24 (area 768 < 32^2: COCO "small"): APm and APl have no ground truth,
+    and COCOeval's -1 for them comes back as nan, with or without detections."""
+    right = coco_detections(one_box, 0, _prediction(1))
+    for detections, ap in ((right, 1.0), ([], 0.0)):
+        metrics = coco_eval(one_box, detections)
+        assert metrics["AP"] == pytest.approx(ap) and metrics["APs"] == pytest.approx(ap)
+        assert math.isnan(metrics["APm"]) and math.isnan(metrics["APl"])
+    assert format_table(coco_eval(one_box, right)).splitlines()[1].split() == ["1.000"] * 4 + ["-", "-"]
 
 
 def test_right_box_wrong_class_counts_only_class_agnostically(one_box):

@@ -90,7 +90,8 @@ class ResNetCenterNet(nn.Module):
             code, quirk included) or ``"identity"`` (a true per-channel bilinear upsampler).
 
     Shape:
-        ``(B, 3, H, W)`` with ``H, W`` divisible by 32 -> dict of ``(B, *, H/4, W/4)`` maps.
+        ``(B, 3, H, W)`` with ``H, W`` divisible by ``pad_multiple`` (32) -> dict of
+        ``(B, *, H/4, W/4)`` maps.
 
     Example::
 
@@ -98,6 +99,8 @@ class ResNetCenterNet(nn.Module):
         >>> {k: tuple(v.shape) for k, v in model(torch.zeros(1, 3, 128, 128)).items()}
         {'hm': (1, 5, 32, 32), 'wh': (1, 2, 32, 32), 'reg': (1, 2, 32, 32)}
     """
+
+    pad_multiple = 32  # inputs are padded to a multiple of the trunk's stride (the paper: 32 for ResNet)
 
     def __init__(
         self,

@@ -2,9 +2,11 @@
 
     python benchmarks/bench_centernet.py                 # best device, all cases
     python benchmarks/bench_centernet.py --device cpu --sizes 256 --batch-size 8
+    python benchmarks/bench_centernet.py --device cpu --sizes 128 --batch-size 16 --no-dcn --no-amp
 
 Prints one line per case: training images/s (forward + loss + backward + Adam step on random
-data with real targets, AMP when ``--amp``), inference latency of one image (forward only,
+data with real targets; mixed precision as ``--amp/--no-amp`` say, by default as
+:func:`minicenternet.device.resolve_amp` decides for the device), inference latency of one image (forward only,
 batch 1) and the decoding time of a ``(1, 80, 128, 128)`` heatmap with K = 100. Each figure is
 the median of ``--repeats`` timed runs after ``--warmup`` untimed ones.
 """
@@ -12,35 +14,16 @@ the median of ``--repeats`` timed runs after ``--warmup`` untimed ones.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 
+from minicenternet.budget import median_seconds
 from minicenternet.decode import centernet_decode
-from minicenternet.device import autocast, default_device, fused_adam
+from minicenternet.device import autocast, default_device, fused_adam, resolve_amp
 from minicenternet.losses import centernet_loss
 from minicenternet.models import build_model
 from minicenternet.targets import encode_centernet
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_seconds(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _targets(batch: int, size: int, num_classes: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -70,7 +53,7 @@ def bench_train(arch: str, dcn: bool, size: int, batch: int, device: torch.devic
         loss.backward()
         optimizer.step()
 
-    return batch / _median_seconds(step, device, warmup, repeats)
+    return batch / median_seconds(step, warmup, repeats, device)
 
 
 def bench_latency(arch: str, dcn: bool, size: int, device: torch.device, amp: bool, warmup: int, repeats: int) -> float:
@@ -83,7 +66,7 @@ def bench_latency(arch: str, dcn: bool, size: int, device: torch.device, amp: bo
         with autocast(device, amp):
             model(image)
 
-    return 1000 * _median_seconds(forward, device, warmup, repeats)
+    return 1000 * median_seconds(forward, warmup, repeats, device)
 
 
 def bench_decode(device: torch.device, warmup: int, repeats: int) -> float:
@@ -92,7 +75,7 @@ def bench_decode(device: torch.device, warmup: int, repeats: int) -> float:
     hm = torch.randn(1, 80, 128, 128, generator=generator).to(device)
     wh = torch.rand(1, 2, 128, 128, generator=generator).to(device) * 20
     reg = torch.rand(1, 2, 128, 128, generator=generator).to(device)
-    return 1000 * _median_seconds(lambda: centernet_decode(hm, wh, reg, K=100), device, warmup, repeats)
+    return 1000 * median_seconds(lambda: centernet_decode(hm, wh, reg, K=100), warmup, repeats, device)
 
 
 def main() -> None:
@@ -101,17 +84,25 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--sizes", default="256,512", help="comma-separated square input sides")
     parser.add_argument("--batch-size", type=int, default=None, help="training batch (default 32 on CUDA, 8 on CPU)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA")
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=None,
+        help="mixed precision (default: auto, on for CUDA and on CPUs with native bf16 where it is faster)",
+    )
+    parser.add_argument(
+        "--dcn", action=argparse.BooleanOptionalAction, default=None, help="only with (or without) DCN (default: both)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = torch.device(args.device) if args.device else default_device()
-    amp = device.type == "cuda" if args.amp is None else args.amp
+    choice = resolve_amp(device, "auto" if args.amp is None else args.amp)
+    amp = choice.enabled
     batch = args.batch_size or (32 if device.type == "cuda" else 8)
     torch.backends.cudnn.benchmark = True
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} amp={amp} batch={batch}")
+    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} batch={batch}")
+    print(choice.describe())
     for size in (int(s) for s in args.sizes.split(",")):
-        for dcn in (False, True):
+        for dcn in (False, True) if args.dcn is None else (args.dcn,):
             train_ips = bench_train(args.arch, dcn, size, batch, device, amp, args.warmup, args.repeats)
             latency = bench_latency(args.arch, dcn, size, device, amp, args.warmup, args.repeats)
             print(f"{args.arch} dcn={dcn!s:5} {size}x{size}: train {train_ips:7.1f} img/s   inference {latency:7.1f} ms/img", flush=True)

@@ -12,23 +12,38 @@ from .data.shapes import ShapesConfig
 
 __all__ = ["main"]
 
+AMP_HELP = "mixed precision on or off (default: auto, on for CUDA and on CPUs with native bf16 where it is faster)"
+
+
+def _positive(kind: type, allow_zero: bool = False):
+    """An argparse type: ``kind`` values above 0 (or at least 0)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"must be {'at least 0' if allow_zero else 'positive'}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
 
 def _train(args: argparse.Namespace) -> None:
     from .evaluate import format_table
     from .train import default_config, train
 
-    overrides = {
-        name: getattr(args, name)
-        for name in ("arch", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every")
-        if getattr(args, name) is not None
-    }
-    if args.dcn is not None:
-        overrides["dcn"] = args.dcn
+    names = ("arch", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every",
+             "dcn", "amp", "budget_minutes")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.budget_minutes is not None:
+        overrides["epochs"] = None  # a budget plans the epochs, on any device
     cfg = replace(default_config(args.device), **overrides)
+    epochs = f"{cfg.epochs:g} epochs" if cfg.epochs is not None else f"epochs planned to a {cfg.budget_minutes:g}-minute budget"
+    pretrain = "planned" if cfg.pretrain_steps is None else f"{cfg.pretrain_steps} steps"
     print(
         f"training {cfg.arch} CenterNet (dcn={cfg.dcn}) on {cfg.data or 'the shapes dataset'}: "
-        f"{cfg.epochs} epochs, batch {cfg.batch_size}, {cfg.input_size}x{cfg.input_size}, lr {cfg.lr}, "
-        f"trunk pre-training {cfg.pretrain_steps} steps, device {cfg.device}, run folder {cfg.out}",
+        f"{epochs}, batch {cfg.batch_size}, {cfg.input_size}x{cfg.input_size}, lr {cfg.lr}, "
+        f"trunk pre-training {pretrain}, device {cfg.device}, run folder {cfg.out}",
         flush=True,
     )
     start = time.perf_counter()
@@ -38,13 +53,16 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _detector(args: argparse.Namespace):
+    from .device import resolve_amp
     from .predict import Detector
 
-    test = {"input_size": args.input_size, "flip": args.flip, "scales": args.scales, "pad_variant": args.pad}
-    return Detector.from_checkpoint(
+    test = {"input_size": args.input_size, "flip": args.flip, "scales": args.scales, "pad_variant": args.pad, "amp": args.amp}
+    detector = Detector.from_checkpoint(
         args.checkpoint, device=args.device, score_threshold=getattr(args, "threshold", 0.0),
         class_agnostic=getattr(args, "class_agnostic", False), **{k: v for k, v in test.items() if v is not None},
     )
+    print(resolve_amp(detector.device, detector.amp).describe(), flush=True)
+    return detector
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -108,8 +126,17 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a CenterNet (default: ResNet-18 on the shapes dataset)")
     train.add_argument("--arch", help="resnet18 (default) or resnet101")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
+    length = train.add_mutually_exclusive_group()
+    length.add_argument(
+        "--epochs", type=_positive(float),
+        help="epochs, may be fractional; giving them turns budget planning off (CPU default: planned)",
+    )
+    length.add_argument(
+        "--budget-minutes", type=_positive(float),
+        help="plan the epochs and pre-training steps to finish within this many minutes, data drawing and "
+        "evaluation included (CPU default: 15)",
+    )
+    train.add_argument("--batch-size", type=_positive(int))
     train.add_argument("--lr", type=float)
     train.add_argument("--input-size", type=int, help="square input side, divisible by 32")
     train.add_argument("--data", help="COCO-layout folder (annotations/instances_{train,val}.json, train/, val/)")
@@ -117,10 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run folder (default runs/shapes)")
     train.add_argument("--seed", type=int)
     train.add_argument(
-        "--pretrain-steps", type=int, help="steps of classification pre-training of the trunk on object crops (0: none)"
+        "--pretrain-steps", type=_positive(int, allow_zero=True),
+        help="steps of classification pre-training of the trunk on object crops (0: none; CPU default: planned, at most 300)",
     )
     train.add_argument("--val-every", type=int, help="validate every N epochs as well as after the last (0: last only)")
     train.add_argument("--dcn", action=argparse.BooleanOptionalAction, default=None, help="DCNv2 upsampling")
+    train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.set_defaults(func=_train)
 
@@ -141,6 +170,7 @@ def _parser() -> argparse.ArgumentParser:
             "--pad", choices=("reference", "minimal"),
             help="padding at the original resolution: reference (256 -> 288) or minimal (256 -> 256); default: as the checkpoint's run",
         )
+        p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
         p.set_defaults(func=func)
     sub.choices["evaluate"].add_argument("--data", help="COCO-layout folder (default: shapes)")
     sub.choices["evaluate"].add_argument("--split", default="val")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .checkpoint import load_checkpoint
 from .data.coco import read_image
 from .data.transforms import affine_matrix, normalize_batch, warp_image
-from .device import autocast, default_device
+from .device import AmpSetting, autocast, default_device
 from .decode import boxes_to_image, decode_scores, merge_flip, merge_scales, padded_size
 from .losses import clamped_sigmoid
 from .models import build_model
@@ -47,10 +47,12 @@ class Detector:
     """Pre-processing, network, decoding and the inverse affine map, in one callable.
 
     Args:
-        model: a CenterNet from :func:`minicenternet.models.build_model`.
-        input_size: ``None`` tests at the original resolution, zero-padded (centred) to a
-            multiple of 32 as the paper does; an int ``S`` resizes the longer side to ``S`` and
-            pads to ``S x S`` (the training-time view).
+        model: a CenterNet from :func:`minicenternet.models.build_model`. It is moved to
+            ``device`` and converted to the memory format in place (``nn.Module.to`` works in
+            place); it runs in eval mode while predicting and is returned to the mode it had.
+        input_size: ``None`` tests at the original resolution, zero-padded (centred) to the
+            model's ``pad_multiple`` (32 for ResNet) as the paper does; an int ``S`` resizes the
+            longer side to ``S`` and pads to ``S x S`` (the training-time view).
         flip: flip test (average the heatmaps and sizes of the image and its mirror).
         scales: test scales. Each resizes the original image by the factor (to
             ``int(H * s) x int(W * s)``, as the reference; here the resize is folded into the
@@ -63,12 +65,15 @@ class Detector:
         device: where the network runs (default: :func:`default_device`).
         class_names: names of the contiguous labels, kept for drawing.
         pad_variant: see :func:`minicenternet.decode.padded_size`.
-        amp: run the network under :func:`minicenternet.device.autocast` (bf16 on CPU).
+        amp: mixed precision, ``True``, ``False`` (the default: results that do not depend on
+            the CPU) or ``"auto"`` (see :func:`minicenternet.device.resolve_amp`: on a CPU only
+            where bf16 is native and faster; what training runs store for their checkpoints).
+            The heatmap is computed in fp32 in any case.
         class_agnostic: merge the class heatmaps (maximum over classes) before peak extraction
             and label every detection 0: the detector's localisation alone, a diagnostic for
             how much AP the classification costs (evaluate it with ``class_agnostic`` COCOeval).
         channels_last: run the network in the channels-last memory format (NHWC), about 25 %
-            faster on this project's CPU; the model is converted in place.
+            faster on this project's CPU.
     """
 
     def __init__(
@@ -82,13 +87,13 @@ class Detector:
         device: str | torch.device | None = None,
         class_names: Sequence[str] | None = None,
         pad_variant: str = "reference",
-        amp: bool = False,
+        amp: AmpSetting = False,
         class_agnostic: bool = False,
         channels_last: bool = True,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=self.memory_format).eval()
+        self.model = model.to(self.device, memory_format=self.memory_format)
         if input_size is not None and tuple(scales) != (1.0,):
             raise ValueError(f"multi-scale test resizes the original image: use input_size=None, not {input_size}")
         self.input_size, self.flip, self.scales, self.K = input_size, flip, tuple(float(v) for v in scales), K
@@ -109,6 +114,7 @@ class Detector:
         meta = checkpoint["model_config"]
         model = build_model(meta["arch"], num_classes=meta["num_classes"], dcn=meta["dcn"])
         model.load_state_dict(checkpoint["model"])
+        model.eval()  # the detector's own model: it stays in eval mode
         kwargs.setdefault("class_names", meta.get("class_names"))
         for name, value in checkpoint.get("test_config", {}).items():
             kwargs.setdefault(name, value)
@@ -120,7 +126,8 @@ class Detector:
         if self.input_size is None:
             height, width = int(height * test_scale), int(width * test_scale)  # the reference's resize
             center = np.array([width // 2, height // 2], dtype=np.float32)  # integer shift, as the reference
-            size = (padded_size(height, self.pad_variant), padded_size(width, self.pad_variant))
+            multiple = getattr(self.model, "pad_multiple", 32)
+            size = (padded_size(height, self.pad_variant, multiple), padded_size(width, self.pad_variant, multiple))
             return center / test_scale, size[1] / test_scale, size
         center = np.array([width / 2, height / 2], dtype=np.float32)
         return center, float(max(height, width)), (self.input_size, self.input_size)
@@ -149,7 +156,12 @@ class Detector:
     def predict_one(self, image: ImageLike) -> dict[str, Tensor]:
         """Detections of one image: ``{"boxes": (N, 4) xyxy pixels, "scores": (N,), "labels": (N,)}``."""
         rgb = _as_rgb_uint8(image)
-        per_scale = [self._detect(rgb, test_scale) for test_scale in self.scales]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            per_scale = [self._detect(rgb, test_scale) for test_scale in self.scales]
+        finally:
+            self.model.train(was_training)
         boxes, scores, labels = per_scale[0] if len(per_scale) == 1 else merge_scales(per_scale, self.K)
         keep = scores >= self.score_threshold
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}

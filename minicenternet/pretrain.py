@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from .budget import mean_seconds
 from .checkpoint import save_checkpoint
 from .data.coco import CocoDetection, ImageReadError
 from .data.transforms import affine_matrix, normalize_batch, warp_image
-from .device import autocast, fused_adam
+from .device import AmpSetting, autocast, fused_adam
 from .models.resnet import TRUNKS
 
-__all__ = ["object_crops", "pretrain_trunk"]
+__all__ = ["object_crops", "pretrain_trunk", "pretrain_step_seconds"]
 
 
 def object_crops(
@@ -72,6 +73,28 @@ def object_crops(
     return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
 
 
+def _classifier(
+    arch: str, num_classes: int, device: torch.device, lr: float = 1e-3
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    if arch not in TRUNKS:
+        raise ValueError(f"classification pre-training needs a ResNet trunk ({sorted(TRUNKS)}), got {arch!r}")
+    model = TRUNKS[arch][0](num_classes=num_classes).to(device, memory_format=torch.channels_last).train()
+    return model, torch.optim.Adam(model.parameters(), lr=lr, fused=fused_adam(device))
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, targets: Tensor, amp: AmpSetting) -> Tensor:
+    """One Adam step on ``images (B, 3, S, S)`` uint8 and ``targets (B,)``; returns the loss."""
+    device = next(model.parameters()).device
+    images = normalize_batch(images.to(device)).contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), targets.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def pretrain_trunk(
     source: CocoDetection,
     out: str | Path,
@@ -81,40 +104,50 @@ def pretrain_trunk(
     lr: float = 1e-3,
     crop_size: int = 64,
     device: str | torch.device = "cpu",
-    amp: bool = True,
+    amp: AmpSetting = "auto",
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
     """Train torchvision's ``arch`` (``resnet18`` or ``resnet101``) to classify the objects of ``source`` and save its trunk.
 
-    Adam, random horizontal flips, cross-entropy. The saved file is the model's ``state_dict``
+    Adam, random horizontal flips, cross-entropy; ``amp`` as in
+    :func:`minicenternet.device.resolve_amp`. The saved file is the model's ``state_dict``
     without ``fc.`` (written atomically), ready for ``build_model(..., pretrained=out)``.
 
     Returns:
         ``out``.
     """
-    if arch not in TRUNKS:
-        raise ValueError(f"classification pre-training needs a ResNet trunk ({sorted(TRUNKS)}), got {arch!r}")
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
-    crops, labels = object_crops(source, crop_size, seed=seed)
     torch.manual_seed(seed)
-    model = TRUNKS[arch][0](num_classes=source.num_classes).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=fused_adam(device))
-    model.train()
+    model, optimizer = _classifier(arch, source.num_classes, device, lr)
+    crops, labels = object_crops(source, crop_size, seed=seed)
     bar = tqdm(range(steps), desc="pre-train trunk", disable=not progress, leave=False)
     for _ in bar:
         pick = torch.randint(len(crops), (batch_size,), generator=generator)
         images, targets = crops[pick], labels[pick]
         flip = torch.rand(batch_size, generator=generator) < 0.5
         images[flip] = images[flip].flip(3)
-        images = normalize_batch(images.to(device)).contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), targets.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = _step(model, optimizer, images, targets, amp)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     trunk = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
     return save_checkpoint(trunk, out)
+
+
+def pretrain_step_seconds(
+    arch: str = "resnet18",
+    num_classes: int = 5,
+    batch_size: int = 64,
+    crop_size: int = 64,
+    device: str | torch.device = "cpu",
+    amp: AmpSetting = "auto",
+    repeats: int = 3,
+) -> float:
+    """Seconds of one :func:`pretrain_trunk` step (the mean of ``repeats`` in a row), timed on
+    random crops with a throwaway model (the global RNG is left as it was)."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model, optimizer = _classifier(arch, num_classes, device)
+        images = torch.randint(0, 256, (batch_size, 3, crop_size, crop_size), dtype=torch.uint8)
+        targets = torch.randint(num_classes, (batch_size,))
+        return mean_seconds(lambda: _step(model, optimizer, images, targets, amp).item(), warmup=1, repeats=repeats)

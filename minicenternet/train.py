@@ -8,126 +8,48 @@ One process, one device::
 The paper trains ResNet CenterNet at 512x512 with Adam, batch 114, lr 5e-4, 140 epochs with 10x
 drops at epochs 90 and 120 (CenterNet Sec. 5). Here the drops sit at the same fractions of any
 run length (90/140 and 120/140), after a short linear warm-up.
+
+On a CPU the run is sized to a wall-clock budget instead of a number of epochs
+(:mod:`minicenternet.budget`): it measures one training step, one pre-training step and the
+evaluation on this machine, plans the epochs to fit, and prints the plan with the command line
+that repeats it without planning.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .budget import Costs, Plan, mean_seconds, plan_run
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import PRETRAIN_STEPS, TrainConfig, command_line, default_config
 from .data.centernet_dataset import CenterNetDataset
 from .data.coco import CocoDetection
 from .data.shapes import ensure_shapes
 from .data.transforms import normalize_batch
+from .device import AmpChoice, autocast, default_device, fused_adam, resolve_amp
 from .evaluate import METRIC_NAMES, evaluate
 from .losses import centernet_loss
 from .models import build_model
-from .device import autocast, default_device, fused_adam
+from .models.resnet import TRUNKS
 from .predict import Detector
-from .pretrain import pretrain_trunk
+from .pretrain import pretrain_step_seconds, pretrain_trunk
 from .viz import save_training_curves
 
-__all__ = ["TrainConfig", "default_config", "train", "lr_factor"]
+__all__ = ["TrainConfig", "default_config", "train", "lr_factor", "command_line", "PRETRAIN_STEPS"]
 
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; saved in every checkpoint.
-
-    ``data=None`` trains on the embedded shapes dataset (generated on first use). Any other value
-    is a COCO-layout folder with ``annotations/instances_{train,val}.json`` and ``train/``,
-    ``val/`` image folders.
-
-    ``pretrained`` is ``False``, ``True`` (torchvision's ImageNet trunk) or a trunk ``state_dict``
-    file. Without one, ``pretrain_steps > 0`` first trains the trunk as a classifier of the
-    training objects (:mod:`minicenternet.pretrain`) and starts from that.
-
-    ``eval_input_size``, ``eval_flip``, ``eval_scales`` and ``eval_pad`` are the
-    :class:`~minicenternet.predict.Detector` settings of the validation runs (defaults: the
-    paper's single-scale test at the original resolution, padded as the official code). They are
-    stored in the checkpoints as ``test_config``, with ``amp``, so
-    :meth:`Detector.from_checkpoint` tests a model the way its run scored it. Validation runs
-    every ``val_every`` epochs and after the last one; ``val_every=0``: after the last one only.
-    """
-
-    arch: str = "resnet18"
-    data: str | None = None
-    out: str = "runs/shapes"
-    input_size: int = 512
-    epochs: int = 140
-    batch_size: int = 32
-    lr: float = 1.25e-4
-    lr_drops: tuple[float, ...] = (90 / 140, 120 / 140)
-    warmup_iters: int = 0
-    grad_clip: float = 35.0
-    dcn: bool = True
-    up_init: str = "reference"
-    pretrained: str | bool = False
-    pretrain_steps: int = 0
-    amp: bool = True
-    channels_last: bool = True
-    num_workers: int = 4
-    random_crop: bool = True
-    scale_range: tuple[float, float] = (0.6, 1.4)
-    flip_prob: float = 0.5
-    max_objects: int = 128
-    cache_images: bool = False
-    val_every: int = 5
-    eval_input_size: int | None = None
-    eval_flip: bool = False
-    eval_scales: tuple[float, ...] = (1.0,)
-    eval_pad: str = "reference"
-    device: str | None = None
-    seed: int = 0
-
-
-def default_config(device: torch.device | str | None = None, **overrides) -> TrainConfig:
-    """The main job's settings for ``device``.
-
-    * CUDA: the paper's ResNet-18 setting: 512x512, DCN, Adam with lr 5e-4 scaled linearly from
-      batch 128 to 32, 140 epochs, AMP.
-    * CPU (and MPS): sized to finish within 15 minutes on a 2-core CPU, first-use dataset drawing
-      included. 128x128 input (46 images/s with the loader on this CPU against 27 at 192x192, so
-      the run gets ~2,000 steps instead of ~1,300; evaluation is still at the original 256x256),
-      plain 3x3 convs instead of DCN (``deform_conv2d`` makes a CPU step 3-4x slower), the
-      transposed convolutions initialised as true bilinear upsamplers (``up_init="identity"``),
-      a trunk first pre-trained for 300 steps as a classifier of the training objects (see
-      :mod:`minicenternet.pretrain`: from scratch, the class heatmaps stay identical for the
-      first ~1,000 steps), batch 16, Adam 5e-4 (fused kernel) after a 100-step warm-up, 11 epochs
-      (a 12th scored AP 0.407 instead of 0.392 but left only 21 s of the 15 minutes) with 10x
-      drops at 85 % and 95 % of the run (later than the paper's 90/140 and 120/140: the classes
-      are still being learnt at the full rate; measured AP 0.273 against 0.223 with the paper's
-      fractions; single-scale test), flips but no random crops, bf16 autocast,
-      images decoded once into memory, no loader worker processes (they would compete with the
-      two compute threads). Validation once, after the last epoch, at the original 256x256
-      resolution with the reference's test-time augmentation: the flip test and three of its
-      five test scales (0.75, 1, 1.25) merged by soft-NMS, without the reference's extra padding
-      (``eval_pad="minimal"``: 256 stays 256, where the official ``(256 | 31) + 1`` frames the
-      image in 32 black pixels the model never saw in training). Measured on one model: AP 0.273
-      single-scale with the reference padding, 0.308 with the minimal padding, 0.333 with the
-      flip test as well, 0.379 with the three scales (about 1 min for the 300 val images).
-    """
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda":
-        cfg = TrainConfig(device=str(device))
-    else:
-        cfg = TrainConfig(
-            input_size=128, epochs=11, batch_size=16, lr=5e-4, warmup_iters=100, dcn=False, up_init="identity",
-            pretrain_steps=300, lr_drops=(0.85, 0.95), amp=True, num_workers=0, cache_images=True,
-            random_crop=False, val_every=0, eval_flip=True, eval_scales=(0.75, 1.0, 1.25), eval_pad="minimal",
-            device=str(device),
-        )
-    return replace(cfg, **overrides)
+COCOEVAL_SECONDS_PER_IMAGE = 0.01  # COCOeval's share of a validation, added to the measured detector time
 
 
 def lr_factor(iteration: int, total_iters: int, warmup_iters: int, drops: tuple[float, ...]) -> float:
@@ -148,8 +70,117 @@ def _datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
     return CocoDetection.from_root(root, "train"), CocoDetection.from_root(root, "val")
 
 
+def _loader(cfg: TrainConfig, source: CocoDetection, device: torch.device) -> DataLoader:
+    dataset = CenterNetDataset(
+        source, (cfg.input_size, cfg.input_size), True, cfg.max_objects, cfg.scale_range, cfg.flip_prob,
+        cfg.random_crop,
+    )
+    return DataLoader(
+        dataset, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, drop_last=len(dataset) >= cfg.batch_size,
+        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, worker_init_fn=_worker_init,
+    )
+
+
 def _model_config(cfg: TrainConfig, source: CocoDetection) -> dict:
     return {"arch": cfg.arch, "num_classes": source.num_classes, "dcn": cfg.dcn, "class_names": source.class_names}
+
+
+def _new_model(cfg: TrainConfig, num_classes: int, device: torch.device, pretrained: str | Path | bool = False):
+    model = build_model(cfg.arch, num_classes=num_classes, pretrained=pretrained, dcn=cfg.dcn, up_init=cfg.up_init)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return model.to(device, memory_format=memory_format)
+
+
+def _step(model, optimizer, scaler, images, targets, cfg: TrainConfig, amp: bool) -> dict[str, torch.Tensor] | None:
+    """One optimiser step on a loader batch; ``None`` (and no step) when the loss is not finite."""
+    device = next(model.parameters()).device
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    images = normalize_batch(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+    targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
+    with autocast(device, amp):
+        outputs = model(images)
+    losses = centernet_loss(outputs, targets)
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(losses["loss"]):
+        return None
+    scaler.scale(losses["loss"]).backward()
+    if cfg.grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return losses
+
+
+def _needs_pretraining(cfg: TrainConfig) -> bool:
+    return not cfg.pretrained and cfg.arch in TRUNKS and cfg.pretrain_steps != 0
+
+
+def _measure(
+    cfg: TrainConfig, loader: DataLoader, val_src: CocoDetection, device: torch.device, amp: bool, test_config: dict
+) -> Costs:
+    """Seconds of a training step, a pre-training step, the end of an epoch (checkpoint and
+    curves written) and the whole final validation, timed on throwaway models; the global RNG
+    is restored, so a planned run and the same run started with the planned numbers are
+    identical."""
+    num_classes = val_src.num_classes
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = _new_model(cfg, num_classes, device).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.0, fused=fused_adam(device))
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        batches = itertools.cycle(loader)
+        train_step = mean_seconds(lambda: _step(model, optimizer, scaler, *next(batches), cfg, amp), device=device)
+        scratch = Path(cfg.out) / ".planning"
+        started = time.perf_counter()
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, scratch.with_suffix(".pt"))
+        save_training_curves([{"epoch": 1, "loss": 1.0}], scratch.with_suffix(".png"))
+        per_epoch = time.perf_counter() - started
+        scratch.with_suffix(".pt").unlink()
+        scratch.with_suffix(".png").unlink()
+        detector = Detector(model, device=device, channels_last=cfg.channels_last, **{**test_config, "amp": amp})
+        paths = iter([val_src.image_path(i % len(val_src)) for i in range(4)])
+        per_image = mean_seconds(lambda: detector(next(paths)), warmup=1, repeats=3, device=device)
+    pretrain_step = 0.0
+    if _needs_pretraining(cfg):
+        pretrain_step = pretrain_step_seconds(cfg.arch, num_classes, device=device, amp=amp)
+    evaluation = len(val_src) * (per_image + COCOEVAL_SECONDS_PER_IMAGE)
+    return Costs(train_step=train_step, pretrain_step=pretrain_step, evaluation=evaluation, per_epoch=per_epoch)
+
+
+def _plan(cfg: TrainConfig, loader, val_src, device, amp: AmpChoice, test_config: dict, started: float) -> Plan:
+    costs = _measure(cfg, loader, val_src, device, amp.enabled, test_config)
+    return plan_run(
+        cfg.budget_minutes * 60, time.perf_counter() - started, costs, len(loader), pretrain_steps=cfg.pretrain_steps,
+        max_pretrain_steps=PRETRAIN_STEPS if _needs_pretraining(cfg) else 0,
+    )
+
+
+def _settle_length(cfg, state, loader, val_src, device, amp: AmpChoice, test_config: dict, started: float) -> TrainConfig:
+    """``cfg`` with its epochs and pre-training steps fixed: as given, as the resumed run planned
+    them, or planned now to the budget."""
+    if cfg.epochs is None and state is not None:
+        stored = state["train_config"]
+        return replace(cfg, epochs=stored["epochs"], pretrain_steps=stored["pretrain_steps"])
+    if cfg.epochs is None:
+        plan = _plan(cfg, loader, val_src, device, amp, test_config, started)
+        print(plan.describe(), flush=True)
+        cfg = replace(cfg, epochs=plan.epochs, pretrain_steps=plan.pretrain_steps)
+        print(f"the same run without planning: {command_line(cfg, amp.enabled)}", flush=True)
+        return cfg
+    if cfg.epochs <= 0:
+        raise ValueError(f"epochs must be positive, got {cfg.epochs}")
+    return replace(cfg, pretrain_steps=PRETRAIN_STEPS if cfg.pretrain_steps is None else cfg.pretrain_steps)
+
+
+def _validate_and_save(model, val_src, device, cfg: TrainConfig, record: dict, checkpoint: dict[str, Any],
+                       best_ap: float, out: Path, progress: bool) -> float:
+    """Validate into ``record``; write ``best.pt`` when it beats ``best_ap``; return the best AP."""
+    detector = Detector(model, device=device, channels_last=cfg.channels_last, **checkpoint["test_config"])
+    record.update(evaluate(detector, val_src, progress=progress))
+    if record["AP"] > best_ap:
+        save_checkpoint({**checkpoint, "metrics": record}, out / "best.pt")
+        return record["AP"]
+    return best_ap
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, float]:
@@ -157,96 +188,73 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     / ``curves.png`` into ``cfg.out``, and return the final COCO metrics of ``best.pt``.
 
     Args:
-        cfg: the run's settings.
-        resume: continue from ``cfg.out/last.pt`` (model, optimiser, schedule, epoch).
+        cfg: the run's settings (``epochs=None``: planned to ``cfg.budget_minutes``).
+        resume: continue from ``cfg.out/last.pt`` (model, optimiser, schedule, epoch, plan).
         progress: show tqdm bars.
     """
+    started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device) if cfg.device else default_device()
+    amp = resolve_amp(device, cfg.amp)
+    print(amp.describe(), flush=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_src, val_src = _datasets(cfg)
     if cfg.cache_images:
         train_src.preload()
-    dataset = CenterNetDataset(
-        train_src, (cfg.input_size, cfg.input_size), True, cfg.max_objects, cfg.scale_range, cfg.flip_prob,
-        cfg.random_crop,
-    )
-    loader = DataLoader(
-        dataset, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, drop_last=len(dataset) >= cfg.batch_size,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, worker_init_fn=_worker_init,
-    )
+    loader = _loader(cfg, train_src, device)
+    state = load_checkpoint(out / "last.pt") if resume and (out / "last.pt").is_file() else None
+    test_config = {
+        "input_size": cfg.eval_input_size, "flip": cfg.eval_flip, "scales": tuple(cfg.eval_scales),
+        "pad_variant": cfg.eval_pad, "amp": cfg.amp,
+    }
+    cfg = _settle_length(cfg, state, loader, val_src, device, amp, test_config, started)
     pretrained = cfg.pretrained
-    if cfg.pretrain_steps > 0 and not pretrained:
+    if _needs_pretraining(cfg):
         pretrained = out / "trunk_pretrained.pt"
         if not (resume and pretrained.is_file()):  # a resumed run keeps the trunk it started from
             pretrain_trunk(
-                train_src, pretrained, cfg.arch, cfg.pretrain_steps, device=device, amp=cfg.amp, seed=cfg.seed,
+                train_src, pretrained, cfg.arch, cfg.pretrain_steps, device=device, amp=amp.enabled, seed=cfg.seed,
                 progress=progress,
             )
-    model = build_model(
-        cfg.arch, num_classes=train_src.num_classes, pretrained=pretrained, dcn=cfg.dcn, up_init=cfg.up_init
-    ).to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = _new_model(cfg, train_src.num_classes, device, pretrained)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused_adam(device))
-    total_iters = cfg.epochs * len(loader)
+    total_iters = max(1, round(cfg.epochs * len(loader)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, total_iters, cfg.warmup_iters, cfg.lr_drops)
     )
-    fp16 = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp.dtype == torch.float16)
     start_epoch, best_ap, history = 0, -1.0, []
-    if resume and (out / "last.pt").is_file():
-        state = load_checkpoint(out / "last.pt")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, best_ap, history = state["epoch"], state["best_ap"], state["history"]
-    model_config = _model_config(cfg, train_src)
-    test_config = {
-        "input_size": cfg.eval_input_size, "flip": cfg.eval_flip, "scales": tuple(cfg.eval_scales),
-        "pad_variant": cfg.eval_pad, "amp": cfg.amp,
-    }
-    started = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
+    num_epochs = math.ceil(total_iters / len(loader))
+    checkpoint = {"model_config": _model_config(cfg, train_src), "test_config": test_config}
+    for epoch in range(start_epoch, num_epochs):
         model.train()
         sums: dict[str, float] = {}
         steps = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{num_epochs}", disable=not progress, leave=False)
         for images, targets in bar:
-            images = normalize_batch(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
-            targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
-            with autocast(device, cfg.amp):
-                outputs = model(images)
-            losses = centernet_loss(outputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(losses["loss"]):
-                warnings.warn(f"epoch {epoch + 1}: non-finite loss, batch skipped", stacklevel=1)
-                scheduler.step()
-                continue
-            scaler.scale(losses["loss"]).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            if scheduler.last_epoch >= total_iters:  # a fractional last epoch ends here
+                break
+            losses = _step(model, optimizer, scaler, images, targets, cfg, amp.enabled)
             scheduler.step()
+            if losses is None:
+                warnings.warn(f"epoch {epoch + 1}: non-finite loss, batch skipped", stacklevel=1)
+                continue
             steps += 1
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().item()
             bar.set_postfix({k.replace("_loss", ""): f"{v / steps:.3f}" for k, v in sums.items()})
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "minutes": (time.perf_counter() - started) / 60}
         record.update({k: v / max(1, steps) for k, v in sums.items()})
-        if (cfg.val_every > 0 and (epoch + 1) % cfg.val_every == 0) or epoch + 1 == cfg.epochs:
-            detector = Detector(model, device=device, channels_last=cfg.channels_last, **test_config)
-            record.update(evaluate(detector, val_src, progress=progress))
-            if record["AP"] > best_ap:
-                best_ap = record["AP"]
-                save_checkpoint(
-                    {"model": model.state_dict(), "model_config": model_config, "test_config": test_config, "metrics": record},
-                    out / "best.pt",
-                )
+        checkpoint["model"] = model.state_dict()
+        if (cfg.val_every > 0 and (epoch + 1) % cfg.val_every == 0) or epoch + 1 == num_epochs:
+            best_ap = _validate_and_save(model, val_src, device, cfg, record, checkpoint, best_ap, out, progress)
         history.append(record)
         with open(out / "metrics.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
@@ -254,9 +262,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
         save_checkpoint(
             {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                **checkpoint, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "best_ap": best_ap, "history": history,
-                "model_config": model_config, "test_config": test_config, "train_config": asdict(cfg),
+                "train_config": asdict(cfg),
             },
             out / "last.pt",
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import shutil
 
 import cv2
@@ -32,8 +33,8 @@ def _table(text: str) -> dict[str, float]:
     lines = text.strip().splitlines()
     header = [i for i, line in enumerate(lines) if line.split() == list(METRIC_NAMES)]
     assert header, text
-    values = [float(v) for v in lines[header[-1] + 1].split()]
-    assert len(values) == 6 and all(0.0 <= v <= 1.0 for v in values)
+    values = [math.nan if v == "-" else float(v) for v in lines[header[-1] + 1].split()]  # "-": no object that size
+    assert len(values) == 6 and all(0.0 <= v <= 1.0 or math.isnan(v) for v in values)
     return dict(zip(METRIC_NAMES, values))
 
 
@@ -76,7 +77,7 @@ def test_train_command_prints_the_ap_table(trained):
     best = load_checkpoint(out / "best.pt")
     assert best["model_config"]["dcn"] is False and best["model_config"]["class_names"] == list(CLASSES)
     for name in METRIC_NAMES:
-        assert printed[name] == pytest.approx(best["metrics"][name], abs=5e-4)
+        assert printed[name] == pytest.approx(best["metrics"][name], abs=5e-4, nan_ok=True)
     assert (out / "last.pt").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
@@ -104,14 +105,14 @@ def test_evaluate_command_tests_as_the_run_validated(trained, tiny_shapes):
     }
     argv = ["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(tiny_shapes), "--device", "cpu"]
     for name, value in _table(_run(argv)).items():
-        assert value == pytest.approx(best["metrics"][name], abs=5e-4)
+        assert value == pytest.approx(best["metrics"][name], abs=5e-4, nan_ok=True)
     printed = _table(_run(argv + ["--no-flip", "--pad", "reference", "--scales", "1", "--input-size", "64"]))
     detector = Detector.from_checkpoint(
         out / "best.pt", device="cpu", flip=False, pad_variant="reference", scales=(1.0,), input_size=64
     )
     expected = evaluate(detector, CocoDetection.from_root(tiny_shapes, "val"), progress=False)
     for name, value in printed.items():
-        assert value == pytest.approx(expected[name], abs=5e-4)
+        assert value == pytest.approx(expected[name], abs=5e-4, nan_ok=True)
 
 
 def test_evaluate_command_class_agnostic(trained, tiny_shapes):
@@ -122,7 +123,7 @@ def test_evaluate_command_class_agnostic(trained, tiny_shapes):
     detector = Detector.from_checkpoint(out / "best.pt", device="cpu", class_agnostic=True)
     expected = evaluate(detector, CocoDetection.from_root(tiny_shapes, "val"), progress=False)
     for name, value in _table(text).items():
-        assert value == pytest.approx(expected[name], abs=5e-4)
+        assert value == pytest.approx(expected[name], abs=5e-4, nan_ok=True)
 
 
 def test_predict_command_writes_images_and_json(trained, tiny_shapes, tmp_path):
@@ -148,8 +149,19 @@ def test_predict_command_writes_images_and_json(trained, tiny_shapes, tmp_path):
 
 
 def test_bad_arguments_exit():
-    with contextlib.redirect_stderr(io.StringIO()):
-        with pytest.raises(SystemExit):
-            main(["train", "--epochs", "many"])
-        with pytest.raises(SystemExit):
-            main(["evaluate"])  # --checkpoint is required
+    bad = (
+        ["train", "--epochs", "many"],
+        ["evaluate"],  # --checkpoint is required
+        ["train", "--epochs", "-3"],
+        ["train", "--epochs", "0"],
+        ["train", "--batch-size", "0"],
+        ["train", "--budget-minutes", "0"],
+        ["train", "--pretrain-steps", "-1"],
+        ["train", "--epochs", "2", "--budget-minutes", "5"],  # an explicit length turns planning off
+    )
+    for argv in bad:
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2, argv
+        assert "minicenternet" in stderr.getvalue() and "error:" in stderr.getvalue(), argv

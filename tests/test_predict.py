@@ -100,6 +100,36 @@ def test_original_resolution_is_padded_and_mapped_back(model):
     _check_mapped_back(pred, seen["out"], 4.0, (3.0, 13.0), (70, 90))
 
 
+def test_padding_follows_the_models_pad_multiple(model, monkeypatch):
+    """A model with ``pad_multiple = 128`` (Hourglass) gets the 70x90 image centred in 128x128:
+    the centre (45, 35) goes to (64, 64), so pixel (x, y) sits at (x + 19, y + 29)."""
+    monkeypatch.setattr(model, "pad_multiple", 128, raising=False)
+    rgb = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    pred, seen = _predict_and_watch(Detector(model, input_size=None, device="cpu", K=20, pad_variant="minimal"), rgb)
+    padded = torch.zeros(1, 3, 128, 128, dtype=torch.uint8)
+    padded[0, :, 29:99, 19:109] = torch.from_numpy(rgb).permute(2, 0, 1)
+    torch.testing.assert_close(seen["input"], normalize_batch(padded))
+    _check_mapped_back(pred, seen["out"], 4.0, (19.0, 29.0), (70, 90))
+    _, seen = _predict_and_watch(Detector(model, input_size=None, device="cpu", K=20), rgb)
+    assert seen["input"].shape[2:] == (128, 128)  # the reference (70 | 127) + 1 = 128, (90 | 127) + 1 = 128
+
+
+def test_the_model_predicts_in_eval_mode_and_keeps_its_own_mode(image):
+    torch.manual_seed(0)
+    net = build_model("resnet18", num_classes=NUM_CLASSES, dcn=False).train()
+    detector = Detector(net, input_size=64, device="cpu", amp=False)
+    modes = []
+    handle = net.register_forward_hook(lambda module, args, out: modes.append(module.training))
+    try:
+        in_training = detector(image)[0]
+    finally:
+        handle.remove()
+    assert modes == [False] and net.training  # eval while predicting, train mode given back
+    net.eval()
+    _assert_same(in_training, Detector(net, input_size=64, device="cpu", amp=False)(image)[0])
+    assert not net.training
+
+
 def test_flip_test_runs_on_the_image_and_its_mirror(model, image):
     seen = {}
     handle = model.register_forward_hook(lambda module, args, out: seen.update(input=args[0]))

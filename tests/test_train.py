@@ -70,7 +70,7 @@ def test_train_end_to_end_and_resume(tiny_shapes, tmp_path):
     result = train(cfg, progress=False)
     out = tmp_path / "run"
     assert set(result) == set(METRICS)
-    assert all(0.0 <= result[k] <= 1.0 for k in METRICS)
+    assert all(0.0 <= result[k] <= 1.0 or math.isnan(result[k]) for k in METRICS)
     for name in ("last.pt", "best.pt", "metrics.jsonl"):
         assert (out / name).is_file(), name
 
@@ -120,7 +120,7 @@ def test_validation_after_the_last_epoch_only_with_the_runs_test_settings(tiny_s
     detector = Detector.from_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
     again = evaluate(detector, CocoDetection.from_root(tiny_shapes, "val"), progress=False)
     for name in METRICS:
-        assert again[name] == pytest.approx(best["metrics"][name], abs=1e-6)
+        assert again[name] == pytest.approx(best["metrics"][name], abs=1e-6, nan_ok=True)
 
 
 def test_fused_adam_takes_the_same_steps_as_the_default_adam():

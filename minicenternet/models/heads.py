@@ -4,10 +4,16 @@ Each head is a 3x3 convolution, a ReLU and a 1x1 convolution. The heatmap head's
 ``-2.19 = -log((1 - 0.1) / 0.1)``, so every pixel starts at a 0.1 object probability (the
 focal-loss prior of RetinaNet, used by CenterNet); the size and offset heads start near zero
 (weights ~ N(0, 0.001^2), biases 0), as in the reference ResNet code.
+
+The heatmap head always runs in fp32, also under autocast: the heatmap goes into the 3x3
+max-pool of decoding, and bf16 keeps only 8 bits of mantissa, so two neighbouring logits of one
+smooth peak often round to the same value; both then survive the max-pool and one object gives
+two detections. The head is a small part of the network's cost.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["HM_PRIOR_BIAS", "make_head", "CenterNetHeads"]
@@ -29,7 +35,7 @@ class CenterNetHeads(nn.Module):
 
     Shape:
         ``(B, in_channels, H/4, W/4)`` -> ``{"hm": (B, C, H/4, W/4), "wh": (B, 2, H/4, W/4),
-        "reg": (B, 2, H/4, W/4)}``; ``hm`` holds logits.
+        "reg": (B, 2, H/4, W/4)}``; ``hm`` holds fp32 logits, under autocast too.
     """
 
     def __init__(self, in_channels: int, num_classes: int, head_channels: int = 64) -> None:
@@ -44,4 +50,6 @@ class CenterNetHeads(nn.Module):
                 nn.init.zeros_(conv.bias)
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
-        return {"hm": self.hm(features), "wh": self.wh(features), "reg": self.reg(features)}
+        with torch.autocast(features.device.type, enabled=False):
+            hm = self.hm(features.float())
+        return {"hm": hm, "wh": self.wh(features), "reg": self.reg(features)}

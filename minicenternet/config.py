@@ -1,0 +1,128 @@
+"""What a training run depends on: :class:`TrainConfig`, the presets per device, and the command
+line that repeats a configuration."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, replace
+
+import torch
+
+from .device import default_device
+
+__all__ = ["PRETRAIN_STEPS", "TrainConfig", "default_config", "command_line"]
+
+PRETRAIN_STEPS = 300  # trunk pre-training steps of the CPU preset (at most, when planned to a budget)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved in every checkpoint.
+
+    ``data=None`` trains on the embedded shapes dataset (generated on first use). Any other value
+    is a COCO-layout folder with ``annotations/instances_{train,val}.json`` and ``train/``,
+    ``val/`` image folders.
+
+    ``epochs`` may be fractional (the last epoch stops part-way). ``epochs=None`` plans them,
+    with the trunk pre-training steps, so that the whole run, data drawing and final evaluation
+    included, fits in ``budget_minutes`` on this machine (:mod:`minicenternet.budget`).
+
+    ``pretrained`` is ``False``, ``True`` (torchvision's ImageNet trunk) or a trunk ``state_dict``
+    file. Without one, ``pretrain_steps > 0`` first trains the trunk as a classifier of the
+    training objects (:mod:`minicenternet.pretrain`) and starts from that; ``None`` means
+    "planned within the budget", or :data:`PRETRAIN_STEPS` when the epochs are given.
+
+    ``grad_clip`` is a maximum gradient norm, or ``None``: the official code clips nothing.
+
+    ``amp`` is ``True``, ``False`` or ``"auto"`` (:func:`minicenternet.device.resolve_amp`: on a
+    CPU only where bf16 is native and measured faster).
+
+    ``eval_input_size``, ``eval_flip``, ``eval_scales`` and ``eval_pad`` are the
+    :class:`~minicenternet.predict.Detector` settings of the validation runs (defaults: the
+    paper's single-scale test at the original resolution, padded as the official code). They are
+    stored in the checkpoints as ``test_config``, with ``amp``, so
+    :meth:`Detector.from_checkpoint` tests a model the way its run scored it. Validation runs
+    every ``val_every`` epochs and after the last one; ``val_every=0``: after the last one only.
+    """
+
+    arch: str = "resnet18"
+    data: str | None = None
+    out: str = "runs/shapes"
+    input_size: int = 512
+    epochs: float | None = 140
+    budget_minutes: float = 15.0
+    batch_size: int = 32
+    lr: float = 1.25e-4
+    lr_drops: tuple[float, ...] = (90 / 140, 120 / 140)
+    warmup_iters: int = 0
+    grad_clip: float | None = None
+    dcn: bool = True
+    up_init: str = "reference"
+    pretrained: str | bool = False
+    pretrain_steps: int | None = 0
+    amp: bool | str = "auto"
+    channels_last: bool = True
+    num_workers: int = 4
+    random_crop: bool = True
+    scale_range: tuple[float, float] = (0.6, 1.4)
+    flip_prob: float = 0.5
+    max_objects: int = 128
+    cache_images: bool = False
+    val_every: int = 5
+    eval_input_size: int | None = None
+    eval_flip: bool = False
+    eval_scales: tuple[float, ...] = (1.0,)
+    eval_pad: str = "reference"
+    device: str | None = None
+    seed: int = 0
+
+
+def default_config(device: torch.device | str | None = None, **overrides) -> TrainConfig:
+    """The main job's settings for ``device``.
+
+    * CUDA: the paper's ResNet-18 setting: 512x512, DCN, Adam with lr 5e-4 scaled linearly from
+      batch 128 to 32, 140 epochs, AMP.
+    * CPU (and MPS): a run planned to finish within 15 minutes, first-use dataset drawing
+      included, on whatever CPU it meets. 128x128 input (evaluation is still at the original
+      256x256), plain 3x3 convs instead of DCN (``deform_conv2d`` is slow on a CPU), transposed
+      convolutions initialised as true bilinear upsamplers (``up_init="identity"``), a trunk
+      first pre-trained as a classifier of the training objects (:mod:`minicenternet.pretrain`,
+      standing in for the paper's ImageNet start), batch 16, Adam 5e-4 (fused kernel) after a
+      100-step warm-up with 10x drops at 85 % and 95 % of the run (later than the paper's
+      fractions: the classes are still being learnt at the full rate), flips but no random
+      crops, bf16 only where the CPU has it natively, images decoded once into memory, no
+      loader worker processes (they would compete with the compute threads). Validation once,
+      after the last epoch, with the reference's test-time augmentation: the flip test and
+      three of its five test scales (0.75, 1, 1.25) merged by soft-NMS, without the reference's
+      extra padding (``eval_pad="minimal"``: the model never saw that black frame in training).
+      The measurements behind each choice are in benchmarks/README.md.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        cfg = TrainConfig(device=str(device))
+    else:
+        cfg = TrainConfig(
+            input_size=128, epochs=None, batch_size=16, lr=5e-4, warmup_iters=100, dcn=False, up_init="identity",
+            pretrain_steps=None, lr_drops=(0.85, 0.95), num_workers=0, cache_images=True,
+            random_crop=False, val_every=0, eval_flip=True, eval_scales=(0.75, 1.0, 1.25), eval_pad="minimal",
+            device=str(device),
+        )
+    return replace(cfg, **overrides)
+
+
+_CLI_FLAGS = ("arch", "data", "out", "input_size", "batch_size", "lr", "seed", "val_every", "dcn")
+
+
+def command_line(cfg: TrainConfig, amp: bool) -> str:
+    """The ``minicenternet train`` command that runs ``cfg`` without planning: the flags that
+    differ from the device's preset, then the device, epochs, pre-training steps and precision."""
+    preset = default_config(cfg.device)
+    words = ["minicenternet", "train"]
+    for name in _CLI_FLAGS:
+        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        if value == getattr(preset, name):
+            continue
+        words += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
+    words += ["--device", str(cfg.device), "--epochs", f"{cfg.epochs:g}", "--pretrain-steps", str(cfg.pretrain_steps)]
+    words.append("--amp" if amp else "--no-amp")
+    return shlex.join(words)

@@ -1,0 +1,159 @@
+"""Tests of minicenternet.budget and of a training run planned to a time budget."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shlex
+import time
+
+import pytest
+import torch
+
+import minicenternet.train as train_module
+from minicenternet.budget import Costs, mean_seconds, median_seconds, plan_run
+from minicenternet.checkpoint import load_checkpoint
+from minicenternet.cli import main
+from minicenternet.device import AmpChoice
+from minicenternet.train import command_line, default_config, train
+
+
+def test_plan_by_hand():
+    """900 s budget, 60 s spent, 100 s of evaluation, 5 % (45 s) in reserve: 695 s to train.
+    Pre-training gets 12 % of it, floor(0.12 * 695 / 0.4) = 208 steps (83.2 s); the 611.8 s left
+    are 611.8 / (187 x 0.5) = 6.54 epochs, rounded down to 6.5."""
+    plan = plan_run(900, 60, Costs(train_step=0.5, pretrain_step=0.4, evaluation=100), steps_per_epoch=187)
+    assert plan.pretrain_steps == 208
+    assert plan.epochs == 6.5
+    assert plan.train_steps == 1216  # round(6.5 * 187)
+    assert plan.estimated_seconds == pytest.approx(60 + 208 * 0.4 + 1216 * 0.5 + 100)
+    assert plan.estimated_seconds <= 900 - plan.margin_seconds
+    assert "6.5 epochs" in plan.describe() and "208 steps" in plan.describe()
+
+
+def test_plan_counts_the_end_of_every_epoch():
+    """The same numbers with 9.35 s written at the end of every epoch: an epoch costs
+    187 x 0.5 + 9.35 = 102.85 s, and 611.8 s hold 5.95 of them, rounded down to 5.9; the
+    estimate counts 6 epoch ends."""
+    plan = plan_run(900, 60, Costs(train_step=0.5, pretrain_step=0.4, evaluation=100, per_epoch=9.35), 187)
+    assert (plan.pretrain_steps, plan.epochs, plan.train_steps) == (208, 5.9, 1103)
+    assert plan.estimated_seconds == pytest.approx(60 + 83.2 + 1103 * 0.5 + 6 * 9.35 + 100)
+
+
+def test_plan_caps_pretraining_and_keeps_fixed_steps():
+    fast = Costs(train_step=0.2, pretrain_step=0.1, evaluation=60)
+    assert plan_run(900, 40, fast, steps_per_epoch=187).pretrain_steps == 300  # 0.12 * 755 / 0.1 = 906 > 300
+    assert plan_run(900, 40, fast, 187, max_pretrain_steps=0).pretrain_steps == 0
+    fixed = plan_run(900, 40, fast, 187, pretrain_steps=50)
+    assert fixed.pretrain_steps == 50
+    # (900 - 40 - 60 - 45 - 5) / (187 x 0.2) = 20.05 epochs
+    assert fixed.epochs == 20.0
+    assert plan_run(900, 40, Costs(0.2, 0.0, 60), 187).pretrain_steps == 0  # no pre-training measured: none planned
+
+
+def test_plan_refuses_a_budget_too_small():
+    with pytest.raises(ValueError, match="2-minute budget leaves 0 s"):
+        plan_run(120, 100, Costs(train_step=1.0, pretrain_step=1.0, evaluation=30), steps_per_epoch=100)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        plan_run(900, 0, Costs(1.0, 1.0, 1.0), steps_per_epoch=0)
+
+
+def test_timers_count_calls_and_time():
+    calls = []
+    assert median_seconds(lambda: calls.append(1), warmup=2, repeats=3) >= 0
+    assert len(calls) == 5
+    calls.clear()
+    assert mean_seconds(lambda: calls.append(time.sleep(0.01)), warmup=1, repeats=4) >= 0.01
+    assert len(calls) == 5
+
+
+# A 50-minute budget with made-up costs chosen so that the run's real start-up time (up to about a
+# minute) cannot move the plan: reserve 150 s, evaluation 571 s, so 2279 s minus what is spent;
+# pre-training floor(0.12 * 2279 / 100) = 2 steps (200 s); 2079 s / (2 steps x 400 s) = 2.59
+# epochs, rounded down to 2.5: 5 steps of the tiny set's 2 per epoch.
+FAKE_COSTS = Costs(train_step=400.0, pretrain_step=100.0, evaluation=571.0)
+
+
+def _planned_config(tiny_shapes, out, amp, **overrides):
+    return default_config(
+        "cpu", data=str(tiny_shapes), out=str(out), input_size=64, batch_size=4, amp=amp, budget_minutes=50.0,
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_the_plan_and_its_command_for_each_precision_choice(tiny_shapes, tmp_path, monkeypatch, enabled):
+    """Either precision choice gives the same plan arithmetic, and the printed command pins the
+    choice (``--amp`` / ``--no-amp``), so the plan repeats on a machine that would decide otherwise."""
+    monkeypatch.setattr(train_module, "_measure", lambda *args: FAKE_COSTS)
+    cfg = _planned_config(tiny_shapes, tmp_path, "auto")
+    train_src, val_src = train_module._datasets(cfg)
+    loader = train_module._loader(cfg, train_src, torch.device("cpu"))
+    choice = AmpChoice(enabled, torch.bfloat16 if enabled else None, "forced by the test")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        settled = train_module._settle_length(
+            cfg, None, loader, val_src, torch.device("cpu"), choice, {}, time.perf_counter()
+        )
+    assert (settled.epochs, settled.pretrain_steps) == (2.5, 2)
+    text = printed.getvalue()
+    assert (
+        "2.5 epochs (5 steps x 400.000 s, 0.0 s per epoch to save) + trunk pre-training 2 steps (x 100.000 s) "
+        "+ evaluation ~571 s" in text
+    )
+    command = next(line for line in text.splitlines() if line.startswith("the same run without planning: "))
+    assert command.endswith("--epochs 2.5 --pretrain-steps 2 " + ("--amp" if enabled else "--no-amp"))
+    assert command.split(": ", 1)[1] == command_line(settled, enabled)
+
+
+def test_a_planned_run_follows_its_plan(tiny_shapes, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "_measure", lambda *args: FAKE_COSTS)
+    cfg = _planned_config(tiny_shapes, tmp_path / "planned", False, eval_flip=False, eval_scales=(1.0,))
+    assert cfg.epochs is None and cfg.pretrain_steps is None  # the CPU preset plans both
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train(cfg, progress=False)
+    assert "mixed precision: off (fp32) (switched off)" in printed.getvalue()
+    last = load_checkpoint(tmp_path / "planned" / "last.pt")
+    assert last["train_config"]["epochs"] == 2.5 and last["train_config"]["pretrain_steps"] == 2
+    # the last epoch stops part-way; the lr schedule is laid on the 5 planned steps
+    assert last["scheduler"]["last_epoch"] == 5 and last["epoch"] == 3
+    assert all(s["step"] == 5 for s in last["optimizer"]["state"].values())
+    assert [r["epoch"] for r in last["history"]] == [1, 2, 3]
+    assert (tmp_path / "planned" / "trunk_pretrained.pt").is_file()
+
+
+def test_the_printed_command_repeats_the_planned_run(tiny_shapes, tmp_path, monkeypatch):
+    """Planning measures on throwaway models and restores the RNG: the printed command, run with
+    no planning, ends with the same weights."""
+    monkeypatch.setattr(train_module, "_measure", lambda *args: FAKE_COSTS)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train(_planned_config(tiny_shapes, tmp_path / "planned", False), progress=False)
+    line = next(x for x in printed.getvalue().splitlines() if x.startswith("the same run without planning: "))
+    argv = shlex.split(line.split(": ", 1)[1])
+    assert argv[:2] == ["minicenternet", "train"]
+    argv = argv[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "repeat")
+    monkeypatch.setattr(train_module, "_measure", lambda *args: pytest.fail("an explicit --epochs must not plan"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        main(argv)
+    planned = load_checkpoint(tmp_path / "planned" / "last.pt")
+    repeat = load_checkpoint(tmp_path / "repeat" / "last.pt")
+    assert (repeat["train_config"]["epochs"], repeat["train_config"]["pretrain_steps"]) == (2.5, 2)
+    for name, value in planned["model"].items():
+        assert torch.equal(value, repeat["model"][name]), name
+
+
+def test_measure_times_real_steps(tiny_shapes, tmp_path):
+    """The real measurement on the tiny set: positive costs, evaluation scaled to the val images."""
+    cfg = default_config("cpu", data=str(tiny_shapes), out=str(tmp_path), input_size=64, batch_size=4, amp=False)
+    source_train, source_val = train_module._datasets(cfg)
+    loader = train_module._loader(cfg, source_train, torch.device("cpu"))
+    test_config = {"input_size": None, "flip": True, "scales": (1.0,), "pad_variant": "minimal", "amp": False}
+    state = torch.random.get_rng_state()
+    costs = train_module._measure(cfg, loader, source_val, torch.device("cpu"), False, test_config)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    assert costs.train_step > 0 and costs.pretrain_step > 0 and costs.per_epoch > 0
+    assert not list(tmp_path.glob(".planning*"))  # the checkpoint and curves written to time them are gone
+    assert costs.evaluation > len(source_val) * train_module.COCOEVAL_SECONDS_PER_IMAGE

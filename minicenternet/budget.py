@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -150,10 +150,14 @@ def plan_run(
             pretrain_steps = min(max_pretrain_steps, max(0, planned))
     train_seconds = available - pretrain_steps * costs.pretrain_step
     epochs = math.floor(10 * train_seconds / (steps_per_epoch * costs.train_step + costs.per_epoch)) / 10
-    if epochs < min_epochs:
+    plan = Plan(epochs, pretrain_steps, steps_per_epoch, budget_seconds, spent_seconds, reserve, costs)
+    while plan.epochs >= min_epochs and plan.estimated_seconds > budget_seconds - reserve:
+        # a started epoch pays its whole end-of-epoch cost
+        plan = replace(plan, epochs=round(plan.epochs - 0.1, 1))
+    if plan.epochs < min_epochs:
         raise ValueError(
             f"a {budget_seconds / 60:g}-minute budget leaves {max(0.0, available):.0f} s for training after "
             f"{spent_seconds:.0f} s spent and ~{costs.evaluation:.0f} s of evaluation, less than {min_epochs:g} epochs "
             f"({steps_per_epoch} steps x {costs.train_step:.2f} s each): raise --budget-minutes or give --epochs"
         )
-    return Plan(epochs, pretrain_steps, steps_per_epoch, budget_seconds, spent_seconds, reserve, costs)
+    return plan

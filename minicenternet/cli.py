@@ -30,7 +30,7 @@ def _positive(kind: type, allow_zero: bool = False):
 
 def _train(args: argparse.Namespace) -> None:
     from .evaluate import format_table
-    from .train import default_config, train
+    from .train import PRETRAIN_STEPS, default_config, train
 
     names = ("arch", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every",
              "dcn", "amp", "budget_minutes")
@@ -39,7 +39,10 @@ def _train(args: argparse.Namespace) -> None:
         overrides["epochs"] = None  # a budget plans the epochs, on any device
     cfg = replace(default_config(args.device), **overrides)
     epochs = f"{cfg.epochs:g} epochs" if cfg.epochs is not None else f"epochs planned to a {cfg.budget_minutes:g}-minute budget"
-    pretrain = "planned" if cfg.pretrain_steps is None else f"{cfg.pretrain_steps} steps"
+    if cfg.pretrain_steps is None:
+        pretrain = "planned" if cfg.epochs is None else f"{PRETRAIN_STEPS} steps"
+    else:
+        pretrain = f"{cfg.pretrain_steps} steps"
     print(
         f"training {cfg.arch} CenterNet (dcn={cfg.dcn}) on {cfg.data or 'the shapes dataset'}: "
         f"{epochs}, batch {cfg.batch_size}, {cfg.input_size}x{cfg.input_size}, lr {cfg.lr}, "

@@ -4,13 +4,13 @@ line that repeats a configuration."""
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from .device import default_device
 
-__all__ = ["PRETRAIN_STEPS", "TrainConfig", "default_config", "command_line"]
+__all__ = ["PRETRAIN_STEPS", "TrainConfig", "default_config", "command_line", "config_only_settings"]
 
 PRETRAIN_STEPS = 300  # trunk pre-training steps of the CPU preset (at most, when planned to a budget)
 
@@ -111,6 +111,18 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
 
 
 _CLI_FLAGS = ("arch", "data", "out", "input_size", "batch_size", "lr", "seed", "val_every", "dcn")
+_LENGTH_AND_DEVICE = ("epochs", "pretrain_steps", "budget_minutes", "amp", "device")
+
+
+def config_only_settings(cfg: TrainConfig) -> list[str]:
+    """``name=value`` of the settings that differ from the device's preset and that the command
+    line cannot set (so :func:`command_line` cannot repeat them)."""
+    preset = default_config(cfg.device)
+    skip = set(_CLI_FLAGS) | set(_LENGTH_AND_DEVICE)
+    return [
+        f"{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg)
+        if f.name not in skip and getattr(cfg, f.name) != getattr(preset, f.name)
+    ]
 
 
 def command_line(cfg: TrainConfig, amp: bool) -> str:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .budget import Costs, Plan, mean_seconds, plan_run
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import PRETRAIN_STEPS, TrainConfig, command_line, default_config
+from .config import PRETRAIN_STEPS, TrainConfig, command_line, config_only_settings, default_config
 from .data.centernet_dataset import CenterNetDataset
 from .data.coco import CocoDetection
 from .data.shapes import ensure_shapes
@@ -70,14 +70,14 @@ def _datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
     return CocoDetection.from_root(root, "train"), CocoDetection.from_root(root, "val")
 
 
-def _loader(cfg: TrainConfig, source: CocoDetection, device: torch.device) -> DataLoader:
+def _loader(cfg: TrainConfig, source: CocoDetection, device: torch.device, persistent: bool = True) -> DataLoader:
     dataset = CenterNetDataset(
         source, (cfg.input_size, cfg.input_size), True, cfg.max_objects, cfg.scale_range, cfg.flip_prob,
         cfg.random_crop,
     )
     return DataLoader(
         dataset, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, drop_last=len(dataset) >= cfg.batch_size,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, worker_init_fn=_worker_init,
+        pin_memory=device.type == "cuda", persistent_workers=persistent and cfg.num_workers > 0, worker_init_fn=_worker_init,
     )
 
 
@@ -117,19 +117,23 @@ def _needs_pretraining(cfg: TrainConfig) -> bool:
 
 
 def _measure(
-    cfg: TrainConfig, loader: DataLoader, val_src: CocoDetection, device: torch.device, amp: bool, test_config: dict
+    cfg: TrainConfig, source: CocoDetection, val_src: CocoDetection, device: torch.device, amp: AmpChoice,
+    test_config: dict,
 ) -> Costs:
     """Seconds of a training step, a pre-training step, the end of an epoch (checkpoint and
-    curves written) and the whole final validation, timed on throwaway models; the global RNG
-    is restored, so a planned run and the same run started with the planned numbers are
+    curves written, and the share of a validation when ``val_every > 0``) and the final
+    validation, timed on a throwaway model and loader; the global RNG is restored and the run's
+    own loader untouched, so a planned run and the same run started with the planned numbers are
     identical."""
+    if len(val_src) == 0:
+        raise ValueError(f"{val_src.ann_file}: no validation image to time the evaluation on")
     num_classes = val_src.num_classes
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model = _new_model(cfg, num_classes, device).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=0.0, fused=fused_adam(device))
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
-        batches = itertools.cycle(loader)
-        train_step = mean_seconds(lambda: _step(model, optimizer, scaler, *next(batches), cfg, amp), device=device)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp.dtype == torch.float16)
+        batches = itertools.cycle(_loader(cfg, source, device, persistent=False))
+        train_step = mean_seconds(lambda: _step(model, optimizer, scaler, *next(batches), cfg, amp.enabled), device=device)
         scratch = Path(cfg.out) / ".planning"
         started = time.perf_counter()
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, scratch.with_suffix(".pt"))
@@ -137,35 +141,43 @@ def _measure(
         per_epoch = time.perf_counter() - started
         scratch.with_suffix(".pt").unlink()
         scratch.with_suffix(".png").unlink()
-        detector = Detector(model, device=device, channels_last=cfg.channels_last, **{**test_config, "amp": amp})
+        detector = Detector(model, device=device, channels_last=cfg.channels_last, **{**test_config, "amp": amp.enabled})
         paths = iter([val_src.image_path(i % len(val_src)) for i in range(4)])
         per_image = mean_seconds(lambda: detector(next(paths)), warmup=1, repeats=3, device=device)
     pretrain_step = 0.0
     if _needs_pretraining(cfg):
-        pretrain_step = pretrain_step_seconds(cfg.arch, num_classes, device=device, amp=amp)
+        pretrain_step = pretrain_step_seconds(cfg.arch, num_classes, device=device, amp=amp.enabled)
     evaluation = len(val_src) * (per_image + COCOEVAL_SECONDS_PER_IMAGE)
+    if cfg.val_every > 0:  # validations along the way, spread over the epochs
+        per_epoch += evaluation / cfg.val_every
     return Costs(train_step=train_step, pretrain_step=pretrain_step, evaluation=evaluation, per_epoch=per_epoch)
 
 
-def _plan(cfg: TrainConfig, loader, val_src, device, amp: AmpChoice, test_config: dict, started: float) -> Plan:
-    costs = _measure(cfg, loader, val_src, device, amp.enabled, test_config)
+def _plan(cfg: TrainConfig, loader, source, val_src, device, amp: AmpChoice, test_config: dict, started: float) -> Plan:
+    if len(loader) == 0:
+        raise ValueError(f"{source.ann_file}: no training batch of {cfg.batch_size} images to plan a run with")
+    costs = _measure(cfg, source, val_src, device, amp, test_config)
     return plan_run(
         cfg.budget_minutes * 60, time.perf_counter() - started, costs, len(loader), pretrain_steps=cfg.pretrain_steps,
         max_pretrain_steps=PRETRAIN_STEPS if _needs_pretraining(cfg) else 0,
     )
 
 
-def _settle_length(cfg, state, loader, val_src, device, amp: AmpChoice, test_config: dict, started: float) -> TrainConfig:
+def _settle_length(
+    cfg, state, loader, source, val_src, device, amp: AmpChoice, test_config: dict, started: float
+) -> TrainConfig:
     """``cfg`` with its epochs and pre-training steps fixed: as given, as the resumed run planned
     them, or planned now to the budget."""
     if cfg.epochs is None and state is not None:
         stored = state["train_config"]
         return replace(cfg, epochs=stored["epochs"], pretrain_steps=stored["pretrain_steps"])
     if cfg.epochs is None:
-        plan = _plan(cfg, loader, val_src, device, amp, test_config, started)
+        plan = _plan(cfg, loader, source, val_src, device, amp, test_config, started)
         print(plan.describe(), flush=True)
         cfg = replace(cfg, epochs=plan.epochs, pretrain_steps=plan.pretrain_steps)
-        print(f"the same run without planning: {command_line(cfg, amp.enabled)}", flush=True)
+        unexpressed = config_only_settings(cfg)
+        extra = f" (and in TrainConfig: {', '.join(unexpressed)})" if unexpressed else ""
+        print(f"the same run without planning: {command_line(cfg, amp.enabled)}{extra}", flush=True)
         return cfg
     if cfg.epochs <= 0:
         raise ValueError(f"epochs must be positive, got {cfg.epochs}")
@@ -173,13 +185,16 @@ def _settle_length(cfg, state, loader, val_src, device, amp: AmpChoice, test_con
 
 
 def _validate_and_save(model, val_src, device, cfg: TrainConfig, record: dict, checkpoint: dict[str, Any],
-                       best_ap: float, out: Path, progress: bool) -> float:
-    """Validate into ``record``; write ``best.pt`` when it beats ``best_ap``; return the best AP."""
+                       best_ap: float | None, out: Path, progress: bool) -> float | None:
+    """Validate into ``record``; write ``best.pt`` for the first validation and whenever the AP
+    beats ``best_ap`` (an AP of ``nan``, a validation set without objects, counts as -inf);
+    return the best AP."""
     detector = Detector(model, device=device, channels_last=cfg.channels_last, **checkpoint["test_config"])
     record.update(evaluate(detector, val_src, progress=progress))
-    if record["AP"] > best_ap:
+    ap = -math.inf if math.isnan(record["AP"]) else record["AP"]
+    if best_ap is None or ap > best_ap:
         save_checkpoint({**checkpoint, "metrics": record}, out / "best.pt")
-        return record["AP"]
+        return ap
     return best_ap
 
 
@@ -195,6 +210,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device) if cfg.device else default_device()
+    cfg = replace(cfg, device=str(device))
     amp = resolve_amp(device, cfg.amp)
     print(amp.describe(), flush=True)
     out = Path(cfg.out)
@@ -208,7 +224,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         "input_size": cfg.eval_input_size, "flip": cfg.eval_flip, "scales": tuple(cfg.eval_scales),
         "pad_variant": cfg.eval_pad, "amp": cfg.amp,
     }
-    cfg = _settle_length(cfg, state, loader, val_src, device, amp, test_config, started)
+    cfg = _settle_length(cfg, state, loader, train_src, val_src, device, amp, test_config, started)
     pretrained = cfg.pretrained
     if _needs_pretraining(cfg):
         pretrained = out / "trunk_pretrained.pt"
@@ -224,7 +240,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         optimizer, lambda it: lr_factor(it, total_iters, cfg.warmup_iters, cfg.lr_drops)
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp.dtype == torch.float16)
-    start_epoch, best_ap, history = 0, -1.0, []
+    start_epoch, best_ap, history = 0, None, []
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -256,8 +272,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         if (cfg.val_every > 0 and (epoch + 1) % cfg.val_every == 0) or epoch + 1 == num_epochs:
             best_ap = _validate_and_save(model, val_src, device, cfg, record, checkpoint, best_ap, out, progress)
         history.append(record)
+        line = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}  # JSON has no nan
         with open(out / "metrics.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
+            log.write(json.dumps(line) + "\n")
         save_training_curves(history, out / "curves.png")
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
         save_checkpoint(

@@ -6,6 +6,7 @@ import contextlib
 import io
 import shlex
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -38,6 +39,16 @@ def test_plan_counts_the_end_of_every_epoch():
     plan = plan_run(900, 60, Costs(train_step=0.5, pretrain_step=0.4, evaluation=100, per_epoch=9.35), 187)
     assert (plan.pretrain_steps, plan.epochs, plan.train_steps) == (208, 5.9, 1103)
     assert plan.estimated_seconds == pytest.approx(60 + 83.2 + 1103 * 0.5 + 6 * 9.35 + 100)
+    assert plan.estimated_seconds <= 900 - plan.margin_seconds
+
+
+def test_plan_pays_for_the_last_started_epoch():
+    """50 s at the end of every epoch: 695 s / (93.5 + 50) s = 4.84, so 4.8 epochs by the
+    fractions; but 4.8 epochs start 5 epochs, 60 + 898 x 0.5 + 5 x 50 + 100 = 859 s > 855 s, so
+    the plan steps back to 4.7 (879 steps: 849.5 s)."""
+    plan = plan_run(900, 60, Costs(train_step=0.5, pretrain_step=0.0, evaluation=100, per_epoch=50), 187)
+    assert (plan.pretrain_steps, plan.epochs, plan.train_steps) == (0, 4.7, 879)
+    assert plan.estimated_seconds == pytest.approx(849.5)
 
 
 def test_plan_caps_pretraining_and_keeps_fixed_steps():
@@ -93,7 +104,7 @@ def test_the_plan_and_its_command_for_each_precision_choice(tiny_shapes, tmp_pat
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         settled = train_module._settle_length(
-            cfg, None, loader, val_src, torch.device("cpu"), choice, {}, time.perf_counter()
+            cfg, None, loader, train_src, val_src, torch.device("cpu"), choice, {}, time.perf_counter()
         )
     assert (settled.epochs, settled.pretrain_steps) == (2.5, 2)
     text = printed.getvalue()
@@ -124,13 +135,17 @@ def test_a_planned_run_follows_its_plan(tiny_shapes, tmp_path, monkeypatch):
 
 
 def test_the_printed_command_repeats_the_planned_run(tiny_shapes, tmp_path, monkeypatch):
-    """Planning measures on throwaway models and restores the RNG: the printed command, run with
-    no planning, ends with the same weights."""
-    monkeypatch.setattr(train_module, "_measure", lambda *args: FAKE_COSTS)
+    """Planning measures on throwaway models and a throwaway loader and restores the RNG: the
+    printed command, run with no planning, ends with the same weights. The measurement is real
+    here; only the plan is fixed, so the test does not depend on this machine's speed."""
+    fixed = plan_run(3000, 0, FAKE_COSTS, steps_per_epoch=2, max_pretrain_steps=300)
+    assert (fixed.epochs, fixed.pretrain_steps) == (2.5, 2)
+    monkeypatch.setattr(train_module, "plan_run", lambda *args, **kwargs: fixed)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         train(_planned_config(tiny_shapes, tmp_path / "planned", False), progress=False)
     line = next(x for x in printed.getvalue().splitlines() if x.startswith("the same run without planning: "))
+    assert "(and in TrainConfig" not in line  # everything this run sets has a flag
     argv = shlex.split(line.split(": ", 1)[1])
     assert argv[:2] == ["minicenternet", "train"]
     argv = argv[1:]
@@ -145,15 +160,34 @@ def test_the_printed_command_repeats_the_planned_run(tiny_shapes, tmp_path, monk
         assert torch.equal(value, repeat["model"][name]), name
 
 
+def test_settings_the_command_line_cannot_set_are_named(tiny_shapes, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "_measure", lambda *args: FAKE_COSTS)
+    cfg = _planned_config(tiny_shapes, tmp_path, False, eval_flip=False, warmup_iters=3)
+    assert train_module.config_only_settings(cfg) == ["warmup_iters=3", "eval_flip=False"]
+    train_src, val_src = train_module._datasets(cfg)
+    loader = train_module._loader(cfg, train_src, torch.device("cpu"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train_module._settle_length(
+            cfg, None, loader, train_src, val_src, torch.device("cpu"), AmpChoice(False, None, "off"), {}, time.perf_counter()
+        )
+    assert "--no-amp (and in TrainConfig: warmup_iters=3, eval_flip=False)" in printed.getvalue()
+
+
 def test_measure_times_real_steps(tiny_shapes, tmp_path):
     """The real measurement on the tiny set: positive costs, evaluation scaled to the val images."""
     cfg = default_config("cpu", data=str(tiny_shapes), out=str(tmp_path), input_size=64, batch_size=4, amp=False)
     source_train, source_val = train_module._datasets(cfg)
-    loader = train_module._loader(cfg, source_train, torch.device("cpu"))
     test_config = {"input_size": None, "flip": True, "scales": (1.0,), "pad_variant": "minimal", "amp": False}
     state = torch.random.get_rng_state()
-    costs = train_module._measure(cfg, loader, source_val, torch.device("cpu"), False, test_config)
+    off = AmpChoice(False, None, "off")
+    costs = train_module._measure(cfg, source_train, source_val, torch.device("cpu"), off, test_config)
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
     assert costs.train_step > 0 and costs.pretrain_step > 0 and costs.per_epoch > 0
     assert not list(tmp_path.glob(".planning*"))  # the checkpoint and curves written to time them are gone
     assert costs.evaluation > len(source_val) * train_module.COCOEVAL_SECONDS_PER_IMAGE
+    # validating every second epoch adds half an evaluation to every epoch
+    halves = train_module._measure(
+        replace(cfg, val_every=2), source_train, source_val, torch.device("cpu"), off, test_config
+    )
+    assert halves.per_epoch > 0.5 * halves.evaluation

@@ -123,6 +123,28 @@ def test_validation_after_the_last_epoch_only_with_the_runs_test_settings(tiny_s
         assert again[name] == pytest.approx(best["metrics"][name], abs=1e-6, nan_ok=True)
 
 
+def test_a_validation_without_objects_still_gives_a_best_checkpoint(tiny_shapes, tmp_path, monkeypatch):
+    """COCOeval gives -1 (nan here) for every number when the val set has no object: best.pt is
+    still written at the first validation, and metrics.jsonl stays strict JSON (null, not NaN)."""
+    import minicenternet.train as train_module
+
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: dict.fromkeys(METRICS, math.nan))
+    cfg = TrainConfig(
+        data=str(tiny_shapes), out=str(tmp_path / "run"), input_size=64, epochs=2, batch_size=4, num_workers=0,
+        val_every=1, dcn=False, amp=False, device="cpu",
+    )
+    result = train(cfg, progress=False)
+    assert set(result) == set(METRICS) and all(math.isnan(v) for v in result.values())
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["metrics"]["epoch"] == 1
+
+    def refuse(constant):
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert [r["AP"] for r in records] == [None, None]
+
+
 def test_fused_adam_takes_the_same_steps_as_the_default_adam():
     """fused_adam picks the fused kernel on CPU and CUDA only; on CPU it follows the default Adam
     step for step (same rule, different kernel)."""

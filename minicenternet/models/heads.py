@@ -13,6 +13,8 @@ two detections. The head is a small part of the network's cost.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -50,6 +52,8 @@ class CenterNetHeads(nn.Module):
                 nn.init.zeros_(conv.bias)
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
-        with torch.autocast(features.device.type, enabled=False):
+        device_type = features.device.type
+        fp32 = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
+        with fp32:
             hm = self.hm(features.float())
         return {"hm": hm, "wh": self.wh(features), "reg": self.reg(features)}

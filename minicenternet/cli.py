@@ -28,12 +28,21 @@ def _positive(kind: type, allow_zero: bool = False):
     return parse
 
 
+def _pretrained(text: str) -> bool | str:
+    """``--pretrained``: ``imagenet`` (torchvision's weights), ``none``, or a local trunk file."""
+    if text in ("imagenet", "none"):
+        return text == "imagenet"
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"expected imagenet, none or a weights file; {text} is not a file")
+    return text
+
+
 def _train(args: argparse.Namespace) -> None:
     from .evaluate import format_table
     from .train import PRETRAIN_STEPS, default_config, train
 
     names = ("arch", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every",
-             "dcn", "amp", "budget_minutes")
+             "dcn", "amp", "budget_minutes", "pretrained")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.budget_minutes is not None:
         overrides["epochs"] = None  # a budget plans the epochs, on any device
@@ -149,6 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--pretrain-steps", type=_positive(int, allow_zero=True),
         help="steps of classification pre-training of the trunk on object crops (0: none; CPU default: planned, at most 300)",
+    )
+    train.add_argument(
+        "--pretrained", type=_pretrained,
+        help="trunk start: imagenet (torchvision's weights; needs a network once), none, or a local state_dict file "
+        "(default: imagenet on CUDA; none on a CPU, which pre-trains on object crops instead)",
     )
     train.add_argument("--val-every", type=int, help="validate every N epochs as well as after the last (0: last only)")
     train.add_argument("--dcn", action=argparse.BooleanOptionalAction, default=None, help="DCNv2 upsampling")

@@ -80,8 +80,9 @@ class TrainConfig:
 def default_config(device: torch.device | str | None = None, **overrides) -> TrainConfig:
     """The main job's settings for ``device``.
 
-    * CUDA: the paper's ResNet-18 setting: 512x512, DCN, Adam with lr 5e-4 scaled linearly from
-      batch 128 to 32, 140 epochs, AMP.
+    * CUDA: the paper's ResNet-18 setting: ImageNet trunk weights (torchvision's), 512x512, DCN,
+      Adam with the paper's lr 5e-4 for batch 128 scaled linearly to batch 32 (1.25e-4), 140
+      epochs, AMP.
     * CPU (and MPS): a run planned to finish within 15 minutes, first-use dataset drawing
       included, on whatever CPU it meets. 128x128 input (evaluation is still at the original
       256x256), plain 3x3 convs instead of DCN (``deform_conv2d`` is slow on a CPU), transposed
@@ -99,7 +100,7 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
     """
     device = torch.device(device) if device is not None else default_device()
     if device.type == "cuda":
-        cfg = TrainConfig(device=str(device))
+        cfg = TrainConfig(pretrained=True, device=str(device))
     else:
         cfg = TrainConfig(
             input_size=128, epochs=None, batch_size=16, lr=5e-4, warmup_iters=100, dcn=False, up_init="identity",
@@ -111,7 +112,7 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
 
 
 _CLI_FLAGS = ("arch", "data", "out", "input_size", "batch_size", "lr", "seed", "val_every", "dcn")
-_LENGTH_AND_DEVICE = ("epochs", "pretrain_steps", "budget_minutes", "amp", "device")
+_LENGTH_AND_DEVICE = ("epochs", "pretrain_steps", "budget_minutes", "amp", "device", "pretrained")
 
 
 def config_only_settings(cfg: TrainConfig) -> list[str]:
@@ -135,6 +136,8 @@ def command_line(cfg: TrainConfig, amp: bool) -> str:
         if value == getattr(preset, name):
             continue
         words += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
+    if cfg.pretrained != preset.pretrained:
+        words += ["--pretrained", {True: "imagenet", False: "none"}.get(cfg.pretrained, str(cfg.pretrained))]
     words += ["--device", str(cfg.device), "--epochs", f"{cfg.epochs:g}", "--pretrain-steps", str(cfg.pretrain_steps)]
     words.append("--amp" if amp else "--no-amp")
     return shlex.join(words)

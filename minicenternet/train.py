@@ -5,9 +5,10 @@ One process, one device::
     minicenternet train                       # shapes, ResNet-18, defaults for this device
     minicenternet train --data /path/to/coco --epochs 140 --batch-size 32
 
-The paper trains ResNet CenterNet at 512x512 with Adam, batch 114, lr 5e-4, 140 epochs with 10x
-drops at epochs 90 and 120 (CenterNet Sec. 5). Here the drops sit at the same fractions of any
-run length (90/140 and 120/140), after a short linear warm-up.
+The paper trains at 512x512 with Adam, batch 128, lr 5e-4, 140 epochs with 10x drops at epochs
+90 and 120 (CenterNet Sec. 5; the official ResNet-18 script uses batch 114 at the same lr). Here
+the drops sit at the same fractions of any run length (90/140 and 120/140), after a short linear
+warm-up.
 
 On a CPU the run is sized to a wall-clock budget instead of a number of epochs
 (:mod:`minicenternet.budget`): it measures one training step, one pre-training step and the

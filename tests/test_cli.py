@@ -149,6 +149,19 @@ def test_predict_command_writes_images_and_json(trained, tiny_shapes, tmp_path):
     assert "100 detections" in text
 
 
+def test_pretrained_argument(tmp_path):
+    from minicenternet.cli import _parser
+    from minicenternet.train import command_line
+
+    weights = tmp_path / "trunk.pt"
+    weights.write_bytes(b"")
+    parse = lambda *v: _parser().parse_args(["train", "--pretrained", *v]).pretrained  # noqa: E731
+    assert parse("imagenet") is True and parse("none") is False and parse(str(weights)) == str(weights)
+    assert default_config("cuda").pretrained is True and default_config("cpu").pretrained is False
+    cfg = default_config("cpu", epochs=1.0, pretrain_steps=0, pretrained=True)
+    assert "--pretrained imagenet" in command_line(cfg, False)
+
+
 def test_bad_arguments_exit():
     bad = (
         ["train", "--epochs", "many"],
@@ -159,6 +172,7 @@ def test_bad_arguments_exit():
         ["train", "--budget-minutes", "0"],
         ["train", "--pretrain-steps", "-1"],
         ["train", "--epochs", "2", "--budget-minutes", "5"],  # an explicit length turns planning off
+        ["train", "--pretrained", "no/such/weights.pt"],
     )
     for argv in bad:
         stderr = io.StringIO()

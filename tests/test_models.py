@@ -139,6 +139,21 @@ def test_pretrained_from_local_file(tmp_path):
     assert torch.equal(model2.trunk[0].weight, state["conv1.weight"])
 
 
+def test_imagenet_weights_offline_say_how_to_use_a_local_file(monkeypatch):
+    """No network: the error names the weights and the --pretrained PATH way out (the download is
+    replaced by a failing stub, so the test never touches the network)."""
+    from urllib.error import URLError
+
+    import torchvision
+
+    def offline(self, *args, **kwargs):
+        raise URLError("no route to host")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
+    with pytest.raises(RuntimeError, match=r"ResNet18_Weights\.IMAGENET1K_V1.*--pretrained resnet18\.pt"):
+        build_model("resnet18", num_classes=3, pretrained=True, dcn=False)
+
+
 def test_pretrained_wrong_files(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth"):

@@ -52,7 +52,15 @@ def load_trunk_weights(trunk: nn.Module, source: str | Path | bool, arch: str) -
     """
     if source is True:
         weights = getattr(torchvision.models, TRUNKS[arch][1]).IMAGENET1K_V1
-        state = weights.get_state_dict(progress=False)
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as err:  # no network: urllib, socket and hash errors alike
+            raise RuntimeError(
+                f"could not get torchvision's {TRUNKS[arch][1]}.IMAGENET1K_V1 weights ({type(err).__name__}: {err}). "
+                f"Offline, save them on a machine with a network: torch.save(torchvision.models.{arch}"
+                f"(weights='IMAGENET1K_V1').state_dict(), '{arch}.pt'), copy the file over and pass "
+                f"--pretrained {arch}.pt (or pretrained='{arch}.pt')"
+            ) from err
     else:
         path = Path(source)
         if not path.is_file():

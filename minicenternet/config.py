@@ -32,6 +32,11 @@ class TrainConfig:
     training objects (:mod:`minicenternet.pretrain`) and starts from that; ``None`` means
     "planned within the budget", or :data:`PRETRAIN_STEPS` when the epochs are given.
 
+    ``random_crop`` is the reference's random scale and crop; without it, ``jitter`` is the
+    reference's other branch (the whole image shifted and scaled by clipped Gaussians, see
+    :func:`~minicenternet.data.transforms.jitter_crop_params`), and neither keeps the whole image
+    still (the CPU preset: in so short a run augmentation costs more than it gives).
+
     ``grad_clip`` is a maximum gradient norm, or ``None``: the official code clips nothing.
 
     ``amp`` is ``True``, ``False`` or ``"auto"`` (:func:`minicenternet.device.resolve_amp`: on a
@@ -64,6 +69,7 @@ class TrainConfig:
     channels_last: bool = True
     num_workers: int = 4
     random_crop: bool = True
+    jitter: bool = False
     scale_range: tuple[float, float] = (0.6, 1.4)
     flip_prob: float = 0.5
     max_objects: int = 128

@@ -74,7 +74,7 @@ def _datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
 def _loader(cfg: TrainConfig, source: CocoDetection, device: torch.device, persistent: bool = True) -> DataLoader:
     dataset = CenterNetDataset(
         source, (cfg.input_size, cfg.input_size), True, cfg.max_objects, cfg.scale_range, cfg.flip_prob,
-        cfg.random_crop,
+        cfg.random_crop, cfg.jitter,
     )
     return DataLoader(
         dataset, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, drop_last=len(dataset) >= cfg.batch_size,

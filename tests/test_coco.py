@@ -14,6 +14,7 @@ import torch
 
 from minicenternet.data.centernet_dataset import CenterNetDataset
 from minicenternet.data.coco import CocoDetection, ImageReadError, read_image
+from minicenternet.data.transforms import affine_matrix, apply_affine_to_boxes, jitter_crop_params
 
 CATEGORIES = [{"id": 7, "name": "star"}, {"id": 3, "name": "cat"}]  # non-contiguous, unsorted
 
@@ -321,3 +322,26 @@ def test_centernet_dataset_train_mode_is_well_formed(tmp_path):
         assert targets["hm"].max() <= 1.0 and targets["mask"].sum() <= 1
     with pytest.raises(ValueError, match="divisible by 32"):
         CenterNetDataset(source, (48, 48))
+
+
+def test_centernet_dataset_jitter_moves_the_whole_image_view(tmp_path):
+    """random_crop=False, jitter=True (the reference's other branch), no flip: the heatmap peak of
+    a 4x4 box at (30..34, 30..34) is its centre under the affine map of the jittered centre and
+    side, drawn from the same generator the dataset seeds from torch; the view moves from draw
+    to draw."""
+    _write_rgb(tmp_path / "img.png", np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    images = [{"id": 1, "file_name": "img.png", "width": 64, "height": 64}]
+    source = CocoDetection(_write_dataset(tmp_path, images, [_ann(1, 1, 3, [30, 30, 4, 4])]), tmp_path)
+    dataset = CenterNetDataset(source, (64, 64), train=True, random_crop=False, jitter=True, flip_prob=0.0)
+    peaks = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        _, targets = dataset[0]
+        torch.manual_seed(seed)
+        center, side = jitter_crop_params((64, 64), np.random.default_rng(int(torch.randint(2**62, ()))))
+        box = apply_affine_to_boxes(np.array([[30, 30, 34, 34]], np.float32), affine_matrix(center, side, (16, 16)))[0]
+        assert int(targets["ind"][0]) == int((box[1] + box[3]) / 2) * 16 + int((box[0] + box[2]) / 2)
+        peaks.add(int(targets["ind"][0]))
+    assert len(peaks) > 2
+    still = CenterNetDataset(source, (64, 64), train=True, random_crop=False, flip_prob=0.0)
+    assert {int(still[0][1]["ind"][0]) for _ in range(4)} == {8 * 16 + 8}  # without jitter: always the centre

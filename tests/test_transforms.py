@@ -11,6 +11,7 @@ from minicenternet.data.transforms import (
     apply_affine_to_boxes,
     hflip_image_and_boxes,
     invert_affine,
+    jitter_crop_params,
     random_crop_params,
     warp_image,
 )
@@ -192,3 +193,20 @@ def test_random_crop_params_deterministic():
         np.testing.assert_array_equal(ca, cb)
         assert sa == sb
     assert any(not np.array_equal(ca, cc) or sa != sc for (ca, sa), (cc, sc) in zip(a, c))
+
+
+def test_jitter_crop_params_follow_the_clipped_gaussians():
+    """The reference's no-random-crop branch on a 300x400 image (s = 400): the centre moves by
+    400 * clip(N(0, 0.1^2), -0.2, 0.2), the side is 400 * clip(N(1, 0.4^2), 0.6, 1.4). A normal
+    lies beyond 2 sigma 4.55 % of the time and beyond 1 sigma 31.73 %, so that many shifts and
+    scales sit exactly on their bounds."""
+    rng = np.random.default_rng(0)
+    draws = [jitter_crop_params((300, 400), rng) for _ in range(20_000)]
+    shifts = np.array([c for c, _ in draws]) - np.array([200.0, 150.0])
+    sides = np.array([s for _, s in draws]) / 400.0
+    assert np.abs(shifts).max() <= 80.0 + 1e-3 and sides.min() >= 0.6 - 1e-9 and sides.max() <= 1.4 + 1e-9
+    at_bound = np.isclose(np.abs(shifts), 80.0, atol=1e-3).mean(axis=0)
+    np.testing.assert_allclose(at_bound, [0.0455, 0.0455], atol=0.006)
+    assert np.isclose(np.abs(sides - 1), 0.4).mean() == pytest.approx(0.3173, abs=0.012)
+    assert abs(shifts.mean()) < 1.0 and abs(sides.mean() - 1) < 0.01  # symmetric
+    assert np.corrcoef(shifts[:, 0], shifts[:, 1])[0, 1] == pytest.approx(0.0, abs=0.03)  # x and y drawn apart

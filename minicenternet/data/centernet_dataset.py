@@ -15,7 +15,9 @@ from torch.utils.data import Dataset
 
 from ..targets import encode_centernet
 from .coco import CocoDetection, ImageReadError, Record
-from .transforms import affine_matrix, apply_affine_to_boxes, hflip_image_and_boxes, random_crop_params, warp_image
+from .transforms import (
+    affine_matrix, apply_affine_to_boxes, hflip_image_and_boxes, jitter_crop_params, random_crop_params, warp_image,
+)
 
 __all__ = ["CenterNetDataset", "OUTPUT_STRIDE"]
 
@@ -33,7 +35,10 @@ class CenterNetDataset(Dataset):
         scale_range: range of the random scale factor (reference: 0.6 to 1.3 in steps of 0.1).
         flip_prob: probability of a horizontal flip (reference: 0.5).
         random_crop: draw the reference random scale and centre; ``False`` keeps the whole image
-            (centred, longer side fitted to the input) and only flips.
+            (centred, longer side fitted to the input).
+        jitter: with ``random_crop=False``, jitter the whole-image view as the reference's
+            no-random-crop branch does (:func:`jitter_crop_params`); ``False`` keeps it still
+            and only flips.
 
     Each item is ``(image (3, H, W) uint8 RGB, targets)`` with ``targets`` the tensors of
     :func:`encode_centernet` at ``(H/4, W/4)``. An unreadable image is reported once and
@@ -49,12 +54,13 @@ class CenterNetDataset(Dataset):
         scale_range: tuple[float, float] = (0.6, 1.4),
         flip_prob: float = 0.5,
         random_crop: bool = True,
+        jitter: bool = False,
     ) -> None:
         if input_size[0] % 32 or input_size[1] % 32:
             raise ValueError(f"input_size must be divisible by 32, got {input_size}")
         self.source, self.input_size, self.train = source, tuple(input_size), train
         self.max_objects, self.scale_range, self.flip_prob = max_objects, scale_range, flip_prob
-        self.random_crop = random_crop
+        self.random_crop, self.jitter = random_crop, jitter
         self.output_size = (input_size[0] // OUTPUT_STRIDE, input_size[1] // OUTPUT_STRIDE)
         self._reported: set[str] = set()
 
@@ -80,6 +86,8 @@ class CenterNetDataset(Dataset):
             rng = np.random.default_rng(int(torch.randint(2**62, ())))
             if self.random_crop:
                 center, scale = random_crop_params((height, width), rng, self.scale_range)
+            elif self.jitter:
+                center, scale = jitter_crop_params((height, width), rng)
             if rng.random() < self.flip_prob:
                 image, boxes = hflip_image_and_boxes(image, boxes)
                 center[0] = width - center[0] - 1

@@ -20,6 +20,7 @@ __all__ = [
     "warp_image",
     "hflip_image_and_boxes",
     "random_crop_params",
+    "jitter_crop_params",
     "normalize_batch",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -120,6 +121,30 @@ def random_crop_params(
     cx = rng.integers(w_border, width - w_border)
     cy = rng.integers(h_border, height - h_border)
     return np.array([cx, cy], dtype=np.float32), scale
+
+
+def jitter_crop_params(
+    image_size: tuple[int, int],
+    rng: np.random.Generator,
+    shift: float = 0.1,
+    scale: float = 0.4,
+) -> tuple[np.ndarray, float]:
+    """The reference loader's branch without random crops (``--not_rand_crop``): the whole image,
+    jittered.
+
+    With ``s = max(H, W)``, the centre moves by ``s * clip(N(0, shift^2), -2 shift, 2 shift)`` in
+    x and in y, then ``s`` is multiplied by ``clip(N(1, scale^2), 1 - scale, 1 + scale)``; the
+    reference's defaults are ``shift = 0.1`` and ``scale = 0.4``.
+
+    Returns:
+        ``(center (2,) float32 (x, y), scale float)``.
+    """
+    height, width = image_size
+    side = float(max(height, width))
+    center = np.array([width / 2, height / 2], dtype=np.float32)
+    center[0] += side * np.clip(rng.normal() * shift, -2 * shift, 2 * shift)
+    center[1] += side * np.clip(rng.normal() * shift, -2 * shift, 2 * shift)
+    return center, side * float(np.clip(rng.normal() * scale + 1, 1 - scale, 1 + scale))
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

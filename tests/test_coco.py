@@ -345,3 +345,21 @@ def test_centernet_dataset_jitter_moves_the_whole_image_view(tmp_path):
     assert len(peaks) > 2
     still = CenterNetDataset(source, (64, 64), train=True, random_crop=False, flip_prob=0.0)
     assert {int(still[0][1]["ind"][0]) for _ in range(4)} == {8 * 16 + 8}  # without jitter: always the centre
+
+
+def test_image_size_differing_from_the_file_is_an_error_and_missing_sizes_clip_on_reading(tmp_path):
+    """The boxes were clipped on loading to the file's 40x30; a decoded 20x20 image is an
+    ImageReadError naming both sizes. An image without a size in the file has its box clipped
+    to the decoded 20x20 when read: [12, 4, 30, 25] -> [12, 4, 20, 20]."""
+    _write_rgb(tmp_path / "small.png", np.zeros((20, 20, 3), np.uint8))
+    images = [
+        {"id": 1, "file_name": "small.png", "width": 40, "height": 30},
+        {"id": 2, "file_name": "small.png"},
+    ]
+    anns = [_ann(1, 1, 3, [12, 4, 18, 21]), _ann(2, 2, 3, [12, 4, 18, 21])]
+    source = CocoDetection(_write_dataset(tmp_path, images, anns), tmp_path)
+    with pytest.raises(ImageReadError, match=r"small\.png: the image is 20x20 but .* gives image 1 as 40x30"):
+        source[0]
+    record = source[1]
+    np.testing.assert_array_equal(record.boxes, [[12, 4, 20, 20]])
+    np.testing.assert_array_equal(source.boxes(1)[0], [[12, 4, 30, 25]])  # as in the file, not clipped

@@ -107,7 +107,10 @@ class CocoDetection:
 
     Boxes with non-positive width or height, or entirely outside their image, are dropped;
     boxes that stick out of the image are clipped to it. Both are counted and reported in one
-    warning on construction. An annotation whose ``category_id`` is not among the file's
+    warning on construction, from the ``width`` and ``height`` the file gives each image; a
+    decoded image of another size is an :class:`ImageReadError` (skipped and reported by the
+    training loader), and the boxes of an image the file gives no size for are clipped when it
+    is read. An annotation whose ``category_id`` is not among the file's
     categories raises ``ValueError`` naming the file and the annotation id.
     """
 
@@ -204,8 +207,16 @@ class CocoDetection:
         path = self.image_path(index)
         image = self._images[image_id] if image_id in self._images else read_image(path)
         boxes, labels = self.boxes(index)
-        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, image.shape[1])
-        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, image.shape[0])
+        info = self.coco.imgs[image_id]
+        stated = (info.get("height"), info.get("width"))
+        if not all(stated):  # no size in the file, so nothing was clipped on loading
+            boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, image.shape[1])
+            boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, image.shape[0])
+        elif stated != image.shape[:2]:
+            raise ImageReadError(
+                f"{path}: the image is {image.shape[1]}x{image.shape[0]} but {self.ann_file} gives "
+                f"image {image_id} as {stated[1]}x{stated[0]} (width x height)"
+            )
         return Record(image, boxes, labels, image_id, path)
 
     @classmethod

@@ -10,6 +10,7 @@ same ``--epochs`` and ``--pretrain-steps`` on the command line give the same run
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -18,13 +19,25 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["Costs", "Plan", "median_seconds", "mean_seconds", "plan_run"]
+__all__ = ["Costs", "Plan", "median_seconds", "mean_seconds", "untouched_rng", "plan_run"]
+
+
+def _sync(device: torch.device | str | None) -> Callable[[], None]:
+    """What waits for queued work on ``device``: ``torch.cuda.synchronize`` on a GPU, nothing elsewhere."""
+    return torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" else (lambda: None)
+
+
+def untouched_rng(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """A block whose draws from the global RNG (CPU, and CUDA on a GPU) are undone at its end, so
+    timing a throwaway model leaves a seeded run as it was."""
+    device = torch.device(device)
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def median_seconds(fn: Callable[[], object], warmup: int = 1, repeats: int = 3, device: torch.device | None = None) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones (CUDA
     work is waited for when ``device`` is a GPU)."""
-    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" else (lambda: None)
+    sync = _sync(device)
     for _ in range(warmup):
         fn()
     times = []
@@ -41,7 +54,7 @@ def mean_seconds(fn: Callable[[], object], warmup: int = 2, repeats: int = 6, de
     """Wall time of ``repeats`` back-to-back calls of ``fn()`` divided by ``repeats``, after
     ``warmup`` untimed ones: what a long loop of them costs, slow calls included (a plan must not
     count on the median)."""
-    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" else (lambda: None)
+    sync = _sync(device)
     for _ in range(warmup):
         fn()
     sync()

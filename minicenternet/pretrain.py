@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from .budget import mean_seconds
+from .budget import mean_seconds, untouched_rng
 from .checkpoint import save_checkpoint
 from .data.coco import CocoDetection, ImageReadError
 from .data.transforms import affine_matrix, normalize_batch, warp_image
@@ -146,8 +146,9 @@ def pretrain_step_seconds(
     """Seconds of one :func:`pretrain_trunk` step (the mean of ``repeats`` in a row), timed on
     random crops with a throwaway model (the global RNG is left as it was)."""
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with untouched_rng(device):
         model, optimizer = _classifier(arch, num_classes, device)
         images = torch.randint(0, 256, (batch_size, 3, crop_size, crop_size), dtype=torch.uint8)
         targets = torch.randint(num_classes, (batch_size,))
-        return mean_seconds(lambda: _step(model, optimizer, images, targets, amp).item(), warmup=1, repeats=repeats)
+        step = lambda: _step(model, optimizer, images, targets, amp)  # noqa: E731
+        return mean_seconds(step, warmup=1, repeats=repeats, device=device)

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .budget import Costs, Plan, mean_seconds, plan_run
+from .budget import Costs, Plan, mean_seconds, plan_run, untouched_rng
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PRETRAIN_STEPS, TrainConfig, command_line, config_only_settings, default_config
 from .data.centernet_dataset import CenterNetDataset
@@ -86,17 +86,19 @@ def _model_config(cfg: TrainConfig, source: CocoDetection) -> dict:
     return {"arch": cfg.arch, "num_classes": source.num_classes, "dcn": cfg.dcn, "class_names": source.class_names}
 
 
+def _memory_format(cfg: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
 def _new_model(cfg: TrainConfig, num_classes: int, device: torch.device, pretrained: str | Path | bool = False):
     model = build_model(cfg.arch, num_classes=num_classes, pretrained=pretrained, dcn=cfg.dcn, up_init=cfg.up_init)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    return model.to(device, memory_format=memory_format)
+    return model.to(device, memory_format=_memory_format(cfg))
 
 
 def _step(model, optimizer, scaler, images, targets, cfg: TrainConfig, amp: bool) -> dict[str, torch.Tensor] | None:
     """One optimiser step on a loader batch; ``None`` (and no step) when the loss is not finite."""
     device = next(model.parameters()).device
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    images = normalize_batch(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+    images = normalize_batch(images.to(device, non_blocking=True)).contiguous(memory_format=_memory_format(cfg))
     targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
     with autocast(device, amp):
         outputs = model(images)
@@ -129,7 +131,7 @@ def _measure(
     if len(val_src) == 0:
         raise ValueError(f"{val_src.ann_file}: no validation image to time the evaluation on")
     num_classes = val_src.num_classes
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with untouched_rng(device):
         model = _new_model(cfg, num_classes, device).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=0.0, fused=fused_adam(device))
         scaler = torch.amp.GradScaler("cuda", enabled=amp.dtype == torch.float16)

@@ -59,9 +59,9 @@ def _train(args: argparse.Namespace) -> None:
         flush=True,
     )
     start = time.perf_counter()
-    metrics = train(cfg, resume=args.resume)
-    print(f"finished in {(time.perf_counter() - start) / 60:.1f} min; COCO box AP of {cfg.out}/best.pt on val:")
-    print(format_table(metrics))
+    report = train(cfg, resume=args.resume)
+    print(f"finished in {(time.perf_counter() - start) / 60:.1f} min. {report.describe()}")
+    print(format_table(report.metrics))
 
 
 def _detector(args: argparse.Namespace):
@@ -127,7 +127,9 @@ def _predict(args: argparse.Namespace) -> None:
 def _data(args: argparse.Namespace) -> None:
     from .data.shapes import default_data_root, ensure_shapes
 
-    cfg = ShapesConfig(num_train=args.num_train, num_val=args.num_val, image_size=args.image_size, seed=args.seed)
+    cfg = ShapesConfig(
+        num_train=args.num_train, num_val=args.num_val, num_test=args.num_test, image_size=args.image_size, seed=args.seed
+    )
     root = ensure_shapes(Path(args.out) if args.out else default_data_root() / "shapes", cfg)
     print(f"shapes dataset ready in {root}")
 
@@ -202,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="dataset", required=True)
     shapes = data_sub.add_parser("shapes", help="generate the synthetic shapes dataset")
     shapes.add_argument("--out", help="folder (default: data/shapes)")
-    for name in ("num_train", "num_val", "image_size", "seed"):
+    for name in ("num_train", "num_val", "num_test", "image_size", "seed"):
         shapes.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(ShapesConfig, name))
     shapes.set_defaults(func=_data)
     return parser

@@ -5,15 +5,20 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from .checkpoint import load_checkpoint
 from .data.coco import CocoDetection
 from .predict import Detector
 
-__all__ = ["METRIC_NAMES", "coco_detections", "coco_eval", "evaluate", "format_table"]
+__all__ = ["METRIC_NAMES", "coco_detections", "coco_eval", "evaluate", "format_table", "Report", "run_report"]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -77,3 +82,45 @@ def format_table(metrics: dict[str, float]) -> str:
     header = " ".join(f"{name:>6}" for name in METRIC_NAMES)
     values = " ".join(f"{'-':>6}" if math.isnan(metrics[name]) else f"{metrics[name]:6.3f}" for name in METRIC_NAMES)
     return f"{header}\n{values}"
+
+
+@dataclass(frozen=True)
+class Report:
+    """The COCO metrics a run reports, and what they measure.
+
+    With a test split they are those of ``best.pt`` (the epoch with the best val AP) on test:
+    val chose the model, so its val AP flatters it. Without one they are the last epoch's on
+    val, as the reference reports (it tests on val and picks no epoch).
+
+    Attributes:
+        metrics: ``METRIC_NAMES`` -> value (``nan``: COCOeval had no object to score).
+        split: ``"test"`` or ``"val"``.
+        epoch: the epoch of the model measured.
+        checkpoint: ``"best.pt"`` or ``"last.pt"``, in the run folder.
+    """
+
+    metrics: dict[str, float]
+    split: str
+    epoch: int
+    checkpoint: str
+
+    def describe(self) -> str:
+        if self.split == "test":
+            return f"COCO box AP on the test split of {self.checkpoint} (epoch {self.epoch}, chosen by its val AP):"
+        return (
+            f"COCO box AP on the val split of the last epoch ({self.epoch}), as the reference reports it "
+            f"(no test split; best.pt was chosen on these same images):"
+        )
+
+
+def run_report(out: str | Path, last: dict, test_src: CocoDetection | None, device: torch.device | str,
+               channels_last: bool = False, progress: bool = True) -> Report:
+    """The :class:`Report` of the training run in folder ``out``: its ``best.pt`` evaluated on
+    ``test_src`` (with the test settings the run validated with), or, without a test split, the
+    val metrics of ``last``, the record of the run's last epoch."""
+    if test_src is None:
+        return Report({k: last[k] for k in METRIC_NAMES}, "val", last["epoch"], "last.pt")
+    best = Path(out) / "best.pt"
+    detector = Detector.from_checkpoint(best, device=device, channels_last=channels_last)
+    epoch = load_checkpoint(best)["metrics"]["epoch"]
+    return Report(evaluate(detector, test_src, progress=progress), "test", epoch, "best.pt")

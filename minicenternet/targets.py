@@ -49,13 +49,16 @@ def gaussian_radius(
 
     ``variant="exact"`` returns the minimum of those three roots.
 
-    ``variant="reference"`` (the default) reproduces the formula of the official CornerNet and
-    CenterNet code, character for character in its arithmetic: every case is evaluated as
+    ``variant="reference"`` (the default) reproduces the formula of CenterNet's official code,
+    which kept the one of CornerNet's first release (CornerNet's authors later called it a bug and
+    corrected it; CornerNet-Lite ships the corrected formula, our ``exact``), character for
+    character in its arithmetic: every case is evaluated as
     ``(b + sqrt(b^2 - 4ac)) / 2`` with the code's own ``(a, b, c)``. That takes the larger root in
     cases 1 and 2 (the widely reported sign error) and divides by 2 instead of ``2a`` in cases 2
     and 3. The case-1 and case-2 values are so large that case 3 always wins the minimum, so the
     reference radius is the exact case-3 radius times ``4t``: 2.8x too large at ``t = 0.7`` and
-    1.2x at ``t = 0.3``. Models are trained against these targets, hence it stays the default.
+    1.2x at ``t = 0.3``. CenterNet's models are trained against these targets, hence it stays the
+    default; lesson 01 measures what the difference does.
 
     Args:
         height: box height (any unit; the reference passes the ceil of the output-stride size).

@@ -40,7 +40,7 @@ from .data.coco import CocoDetection
 from .data.shapes import ensure_shapes
 from .data.transforms import normalize_batch
 from .device import AmpChoice, autocast, default_device, fused_adam, resolve_amp
-from .evaluate import METRIC_NAMES, evaluate
+from .evaluate import METRIC_NAMES, Report, evaluate, run_report
 from .losses import centernet_loss
 from .models import build_model
 from .models.resnet import TRUNKS
@@ -48,7 +48,7 @@ from .predict import Detector
 from .pretrain import pretrain_step_seconds, pretrain_trunk
 from .viz import save_training_curves
 
-__all__ = ["TrainConfig", "default_config", "train", "lr_factor", "command_line", "PRETRAIN_STEPS"]
+__all__ = ["TrainConfig", "default_config", "train", "Report", "lr_factor", "command_line", "PRETRAIN_STEPS"]
 
 COCOEVAL_SECONDS_PER_IMAGE = 0.01  # COCOeval's share of a validation, added to the measured detector time
 
@@ -66,9 +66,14 @@ def _worker_init(worker_id: int) -> None:
     cv2.setNumThreads(1)
 
 
-def _datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection]:
+def _datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection, CocoDetection | None]:
+    """Train, val and, where the folder has ``annotations/instances_test.json``, test."""
     root = ensure_shapes() if cfg.data is None else Path(cfg.data)
-    return CocoDetection.from_root(root, "train"), CocoDetection.from_root(root, "val")
+    has_test = (root / "annotations" / "instances_test.json").is_file()
+    return (
+        CocoDetection.from_root(root, "train"), CocoDetection.from_root(root, "val"),
+        CocoDetection.from_root(root, "test") if has_test else None,
+    )
 
 
 def _loader(cfg: TrainConfig, source: CocoDetection, device: torch.device, persistent: bool = True) -> DataLoader:
@@ -121,11 +126,11 @@ def _needs_pretraining(cfg: TrainConfig) -> bool:
 
 def _measure(
     cfg: TrainConfig, source: CocoDetection, val_src: CocoDetection, device: torch.device, amp: AmpChoice,
-    test_config: dict,
+    test_config: dict, test_images: int,
 ) -> Costs:
     """Seconds of a training step, a pre-training step, the end of an epoch (checkpoint and
     curves written, and the share of a validation when ``val_every > 0``) and the final
-    validation, timed on a throwaway model and loader; the global RNG is restored and the run's
+    validation with the test of ``test_images`` more images, timed on a throwaway model and loader; the global RNG is restored and the run's
     own loader untouched, so a planned run and the same run started with the planned numbers are
     identical."""
     if len(val_src) == 0:
@@ -150,16 +155,19 @@ def _measure(
     pretrain_step = 0.0
     if _needs_pretraining(cfg):
         pretrain_step = pretrain_step_seconds(cfg.arch, num_classes, device=device, amp=amp.enabled)
-    evaluation = len(val_src) * (per_image + COCOEVAL_SECONDS_PER_IMAGE)
+    validation = len(val_src) * (per_image + COCOEVAL_SECONDS_PER_IMAGE)
     if cfg.val_every > 0:  # validations along the way, spread over the epochs
-        per_epoch += evaluation / cfg.val_every
+        per_epoch += validation / cfg.val_every
+    evaluation = validation + test_images * (per_image + COCOEVAL_SECONDS_PER_IMAGE)
     return Costs(train_step=train_step, pretrain_step=pretrain_step, evaluation=evaluation, per_epoch=per_epoch)
 
 
-def _plan(cfg: TrainConfig, loader, source, val_src, device, amp: AmpChoice, test_config: dict, started: float) -> Plan:
+def _plan(
+    cfg: TrainConfig, loader, source, val_src, device, amp: AmpChoice, test_config: dict, test_images: int, started: float
+) -> Plan:
     if len(loader) == 0:
         raise ValueError(f"{source.ann_file}: no training batch of {cfg.batch_size} images to plan a run with")
-    costs = _measure(cfg, source, val_src, device, amp, test_config)
+    costs = _measure(cfg, source, val_src, device, amp, test_config, test_images)
     return plan_run(
         cfg.budget_minutes * 60, time.perf_counter() - started, costs, len(loader), pretrain_steps=cfg.pretrain_steps,
         max_pretrain_steps=PRETRAIN_STEPS if _needs_pretraining(cfg) else 0,
@@ -167,7 +175,7 @@ def _plan(cfg: TrainConfig, loader, source, val_src, device, amp: AmpChoice, tes
 
 
 def _settle_length(
-    cfg, state, loader, source, val_src, device, amp: AmpChoice, test_config: dict, started: float
+    cfg, state, loader, source, val_src, device, amp: AmpChoice, test_config: dict, test_images: int, started: float
 ) -> TrainConfig:
     """``cfg`` with its epochs and pre-training steps fixed: as given, as the resumed run planned
     them, or planned now to the budget."""
@@ -175,7 +183,7 @@ def _settle_length(
         stored = state["train_config"]
         return replace(cfg, epochs=stored["epochs"], pretrain_steps=stored["pretrain_steps"])
     if cfg.epochs is None:
-        plan = _plan(cfg, loader, source, val_src, device, amp, test_config, started)
+        plan = _plan(cfg, loader, source, val_src, device, amp, test_config, test_images, started)
         print(plan.describe(), flush=True)
         cfg = replace(cfg, epochs=plan.epochs, pretrain_steps=plan.pretrain_steps)
         unexpressed = config_only_settings(cfg)
@@ -201,9 +209,11 @@ def _validate_and_save(model, val_src, device, cfg: TrainConfig, record: dict, c
     return best_ap
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict[str, float]:
-    """Train, validate every ``val_every`` epochs, write ``last.pt`` / ``best.pt`` / ``metrics.jsonl``
-    / ``curves.png`` into ``cfg.out``, and return the final COCO metrics of ``best.pt``.
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Report:
+    """Train, validate every ``val_every`` epochs and after the last, write ``last.pt`` /
+    ``best.pt`` / ``metrics.jsonl`` / ``curves.png`` / ``report.json`` into ``cfg.out``, and
+    return the :class:`Report`: ``best.pt`` on the test split when there is one, else the last
+    epoch on val.
 
     Args:
         cfg: the run's settings (``epochs=None``: planned to ``cfg.budget_minutes``).
@@ -218,7 +228,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     print(amp.describe(), flush=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_src, val_src = _datasets(cfg)
+    train_src, val_src, test_src = _datasets(cfg)
     if cfg.cache_images:
         train_src.preload()
     loader = _loader(cfg, train_src, device)
@@ -227,7 +237,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         "input_size": cfg.eval_input_size, "flip": cfg.eval_flip, "scales": tuple(cfg.eval_scales),
         "pad_variant": cfg.eval_pad, "amp": cfg.amp,
     }
-    cfg = _settle_length(cfg, state, loader, train_src, val_src, device, amp, test_config, started)
+    test_images = len(test_src) if test_src is not None else 0
+    cfg = _settle_length(cfg, state, loader, train_src, val_src, device, amp, test_config, test_images, started)
     pretrained = cfg.pretrained
     if _needs_pretraining(cfg):
         pretrained = out / "trunk_pretrained.pt"
@@ -275,9 +286,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         if (cfg.val_every > 0 and (epoch + 1) % cfg.val_every == 0) or epoch + 1 == num_epochs:
             best_ap = _validate_and_save(model, val_src, device, cfg, record, checkpoint, best_ap, out, progress)
         history.append(record)
-        line = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}  # JSON has no nan
         with open(out / "metrics.jsonl", "a") as log:
-            log.write(json.dumps(line) + "\n")
+            log.write(json.dumps(_json_safe(record)) + "\n")
         save_training_curves(history, out / "curves.png")
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
         save_checkpoint(
@@ -288,5 +298,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             },
             out / "last.pt",
         )
-    final = load_checkpoint(out / "best.pt")["metrics"] if (out / "best.pt").is_file() else {}
-    return {k: final[k] for k in METRIC_NAMES if k in final}
+    report = run_report(out, history[-1], test_src, device, cfg.channels_last, progress)
+    (out / "report.json").write_text(json.dumps({**asdict(report), "metrics": _json_safe(report.metrics)}, indent=1))
+    return report
+
+
+def _json_safe(record: dict) -> dict:
+    """``record`` with ``nan`` as ``None``: strict JSON has no nan."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}

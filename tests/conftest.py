@@ -8,11 +8,11 @@ import pytest
 
 from minicenternet.data.shapes import ShapesConfig, generate_shapes
 
-TINY_SHAPES = ShapesConfig(num_train=8, num_val=4, image_size=64)
+TINY_SHAPES = ShapesConfig(num_train=8, num_val=4, num_test=4, image_size=64)
 
 
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A COCO-layout shapes dataset of 8 train and 4 val 64x64 images (read-only for tests)."""
+    """A COCO-layout shapes dataset of 8 train, 4 val and 4 test 64x64 images (read-only for tests)."""
     root = tmp_path_factory.mktemp("tiny_shapes")
     return generate_shapes(root, TINY_SHAPES, workers=0)

@@ -98,13 +98,13 @@ def test_the_plan_and_its_command_for_each_precision_choice(tiny_shapes, tmp_pat
     choice (``--amp`` / ``--no-amp``), so the plan repeats on a machine that would decide otherwise."""
     monkeypatch.setattr(train_module, "_measure", lambda *args: FAKE_COSTS)
     cfg = _planned_config(tiny_shapes, tmp_path, "auto")
-    train_src, val_src = train_module._datasets(cfg)
+    train_src, val_src, _ = train_module._datasets(cfg)
     loader = train_module._loader(cfg, train_src, torch.device("cpu"))
     choice = AmpChoice(enabled, torch.bfloat16 if enabled else None, "forced by the test")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         settled = train_module._settle_length(
-            cfg, None, loader, train_src, val_src, torch.device("cpu"), choice, {}, time.perf_counter()
+            cfg, None, loader, train_src, val_src, torch.device("cpu"), choice, {}, 0, time.perf_counter()
         )
     assert (settled.epochs, settled.pretrain_steps) == (2.5, 2)
     text = printed.getvalue()
@@ -164,12 +164,13 @@ def test_settings_the_command_line_cannot_set_are_named(tiny_shapes, tmp_path, m
     monkeypatch.setattr(train_module, "_measure", lambda *args: FAKE_COSTS)
     cfg = _planned_config(tiny_shapes, tmp_path, False, eval_flip=False, warmup_iters=3)
     assert train_module.config_only_settings(cfg) == ["warmup_iters=3", "eval_flip=False"]
-    train_src, val_src = train_module._datasets(cfg)
+    train_src, val_src, _ = train_module._datasets(cfg)
     loader = train_module._loader(cfg, train_src, torch.device("cpu"))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         train_module._settle_length(
-            cfg, None, loader, train_src, val_src, torch.device("cpu"), AmpChoice(False, None, "off"), {}, time.perf_counter()
+            cfg, None, loader, train_src, val_src, torch.device("cpu"), AmpChoice(False, None, "off"), {}, 0,
+            time.perf_counter(),
         )
     assert "--no-amp (and in TrainConfig: warmup_iters=3, eval_flip=False)" in printed.getvalue()
 
@@ -177,17 +178,35 @@ def test_settings_the_command_line_cannot_set_are_named(tiny_shapes, tmp_path, m
 def test_measure_times_real_steps(tiny_shapes, tmp_path):
     """The real measurement on the tiny set: positive costs, evaluation scaled to the val images."""
     cfg = default_config("cpu", data=str(tiny_shapes), out=str(tmp_path), input_size=64, batch_size=4, amp=False)
-    source_train, source_val = train_module._datasets(cfg)
+    source_train, source_val, _ = train_module._datasets(cfg)
     test_config = {"input_size": None, "flip": True, "scales": (1.0,), "pad_variant": "minimal", "amp": False}
     state = torch.random.get_rng_state()
     off = AmpChoice(False, None, "off")
-    costs = train_module._measure(cfg, source_train, source_val, torch.device("cpu"), off, test_config)
+    costs = train_module._measure(cfg, source_train, source_val, torch.device("cpu"), off, test_config, 0)
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
     assert costs.train_step > 0 and costs.pretrain_step > 0 and costs.per_epoch > 0
     assert not list(tmp_path.glob(".planning*"))  # the checkpoint and curves written to time them are gone
     assert costs.evaluation > len(source_val) * train_module.COCOEVAL_SECONDS_PER_IMAGE
     # validating every second epoch adds half an evaluation to every epoch
     halves = train_module._measure(
-        replace(cfg, val_every=2), source_train, source_val, torch.device("cpu"), off, test_config
+        replace(cfg, val_every=2), source_train, source_val, torch.device("cpu"), off, test_config, 0
     )
     assert halves.per_epoch > 0.5 * halves.evaluation
+
+
+def test_the_final_evaluation_counts_the_test_split(tiny_shapes, tmp_path, monkeypatch):
+    """With every timed call fixed at 1 s: the final evaluation is (val + test images) x (1 s +
+    COCOeval's share), and a validation every second epoch adds half the val share to each epoch."""
+    monkeypatch.setattr(train_module, "mean_seconds", lambda *args, **kwargs: 1.0)
+    cfg = default_config("cpu", data=str(tiny_shapes), out=str(tmp_path), input_size=64, batch_size=4, amp=False,
+                         pretrain_steps=0, val_every=2)
+    source_train, source_val, source_test = train_module._datasets(cfg)
+    assert (len(source_val), len(source_test)) == (4, 4)
+    test_config = {"input_size": None, "flip": False, "scales": (1.0,), "pad_variant": "minimal", "amp": False}
+    costs = train_module._measure(
+        cfg, source_train, source_val, torch.device("cpu"), AmpChoice(False, None, "off"), test_config, len(source_test)
+    )
+    per_image = 1.0 + train_module.COCOEVAL_SECONDS_PER_IMAGE
+    assert (costs.train_step, costs.pretrain_step) == (1.0, 0.0)
+    assert costs.evaluation == pytest.approx(8 * per_image)
+    assert 4 * per_image / 2 < costs.per_epoch < 4 * per_image / 2 + 1.0  # + writing the checkpoint and curves

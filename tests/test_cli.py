@@ -51,17 +51,18 @@ def trained(tiny_shapes, tmp_path_factory):
 
 def test_data_shapes_command(tmp_path):
     root = tmp_path / "shapes"
-    argv = ["data", "shapes", "--out", str(root), "--num-train", "3", "--num-val", "2", "--image-size", "64"]
+    argv = ["data", "shapes", "--out", str(root), "--num-train", "3", "--num-val", "2", "--num-test", "1", "--image-size", "64"]
     text = _run(argv)
     assert str(root) in text
     assert sorted(p.name for p in (root / "train").iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert sorted(p.name for p in (root / "val").iterdir()) == ["000000.png", "000001.png"]
+    assert sorted(p.name for p in (root / "test").iterdir()) == ["000000.png"]
     train = json.loads((root / "annotations" / "instances_train.json").read_text())
     assert len(train["images"]) == 3 and all(i["width"] == i["height"] == 64 for i in train["images"])
     assert len(json.loads((root / "annotations" / "instances_val.json").read_text())["images"]) == 2
     assert cv2.imread(str(root / "train" / "000000.png")).shape == (64, 64, 3)
     meta = json.loads((root / "meta.json").read_text())
-    assert (meta["num_train"], meta["num_val"], meta["image_size"]) == (3, 2, 64)
+    assert (meta["num_train"], meta["num_val"], meta["num_test"], meta["image_size"]) == (3, 2, 1, 64)
     # a second call finds the dataset up to date and leaves it alone
     stamp = (root / "train" / "000000.png").stat().st_mtime_ns
     assert "generating" not in _run(argv)

@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from minicenternet.data import shapes
 from minicenternet.data.shapes import CLASSES, ShapesConfig, ensure_shapes, generate_shapes, render_image
 
-TINY = ShapesConfig(num_train=6, num_val=3, image_size=128)
+TINY = ShapesConfig(num_train=6, num_val=3, num_test=2, image_size=128)
 
 
 def _all_files(root: Path) -> dict[str, bytes]:
@@ -40,13 +40,14 @@ def rendered_256():
 
 
 def test_layout(tiny_root):
-    """Writes train/val pngs, both annotation files and meta.json."""
+    """Writes train/val/test pngs, the three annotation files and meta.json."""
     files = _all_files(tiny_root)
-    expected = {f"train/{i:06d}.png" for i in range(6)} | {f"val/{i:06d}.png" for i in range(3)}
-    expected |= {"annotations/instances_train.json", "annotations/instances_val.json", "meta.json"}
+    expected = {f"{split}/{i:06d}.png" for split, n in (("train", 6), ("val", 3), ("test", 2)) for i in range(n)}
+    expected |= {f"annotations/instances_{split}.json" for split in ("train", "val", "test")} | {"meta.json"}
     assert set(files) == expected
     meta = json.loads(files["meta.json"])
-    assert meta["num_train"] == 6 and meta["num_val"] == 3 and meta["image_size"] == 128 and "version" in meta
+    assert (meta["num_train"], meta["num_val"], meta["num_test"], meta["image_size"]) == (6, 3, 2, 128)
+    assert "version" in meta
 
 
 def test_same_seed_same_bytes(tiny_root, tmp_path):
@@ -57,7 +58,7 @@ def test_same_seed_same_bytes(tiny_root, tmp_path):
 
 def test_different_seed_different_bytes(tiny_root, tmp_path):
     """Another seed changes every image and the annotations."""
-    other = _all_files(generate_shapes(tmp_path / "other", ShapesConfig(num_train=6, num_val=3, image_size=128, seed=1), workers=0))
+    other = _all_files(generate_shapes(tmp_path / "other", ShapesConfig(num_train=6, num_val=3, num_test=2, image_size=128, seed=1), workers=0))
     base = _all_files(tiny_root)
     for name in base:
         if name.endswith(".png") or name.startswith("annotations"):
@@ -66,10 +67,10 @@ def test_different_seed_different_bytes(tiny_root, tmp_path):
 
 def test_pool_and_serial_generation_identical(tmp_path):
     """workers=2 (process pool, used only above 64 images) and workers=0 write the same bytes."""
-    cfg = ShapesConfig(num_train=65, num_val=2, image_size=48)
+    cfg = ShapesConfig(num_train=65, num_val=2, num_test=1, image_size=48)
     serial = _all_files(generate_shapes(tmp_path / "serial", cfg, workers=0))
     pooled = _all_files(generate_shapes(tmp_path / "pool", cfg, workers=2))
-    assert len(serial) == 65 + 2 + 3
+    assert len(serial) == 65 + 2 + 1 + 4
     assert pooled == serial
 
 
@@ -80,8 +81,10 @@ def test_render_order_independent():
         image, objects = render_image(TINY, "train", i)
         np.testing.assert_array_equal(image, sequence[i][0])
         assert objects == sequence[i][1]
-    # train and val are different streams
-    assert not np.array_equal(render_image(TINY, "val", 0)[0], sequence[0][0])
+    # train, val and test are different streams
+    val, test = render_image(TINY, "val", 0)[0], render_image(TINY, "test", 0)[0]
+    assert not np.array_equal(val, sequence[0][0])
+    assert not np.array_equal(test, sequence[0][0]) and not np.array_equal(test, val)
 
 
 def test_png_holds_rendered_rgb(tiny_root):
@@ -101,7 +104,7 @@ def test_png_holds_rendered_rgb(tiny_root):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("split, count", [("train", 6), ("val", 3)])
+@pytest.mark.parametrize("split, count", [("train", 6), ("val", 3), ("test", 2)])
 def test_coco_json_valid(tiny_root, split, count):
     """Loads with pycocotools; 5 categories ids 1..5 named CLASSES; boxes inside with positive size."""
     coco = COCO(str(tiny_root / "annotations" / f"instances_{split}.json"))
@@ -200,7 +203,7 @@ def test_ensure_shapes_generate_reuse_regenerate(tmp_path, monkeypatch):
     assert ensure_shapes(root, TINY, verbose=False) == root
     assert json.loads((root / "meta.json").read_text())["num_train"] == 6
     first = _all_files(root)
-    assert len([n for n in first if n.endswith(".png")]) == 9
+    assert len([n for n in first if n.endswith(".png")]) == 6 + 3 + 2
     stamp = {p: os.stat(p).st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
     def forbidden(*args, **kwargs):
@@ -212,7 +215,7 @@ def test_ensure_shapes_generate_reuse_regenerate(tmp_path, monkeypatch):
     assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp
     assert _all_files(root) == first
 
-    other = ShapesConfig(num_train=4, num_val=2, image_size=96)
+    other = ShapesConfig(num_train=4, num_val=2, num_test=1, image_size=96)
     calls = []
     real = shapes.generate_shapes
     monkeypatch.setattr(shapes, "generate_shapes", lambda *a, **k: calls.append(a) or real(*a, **k))

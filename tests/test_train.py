@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from minicenternet.evaluate import evaluate
 from minicenternet.losses import centernet_loss
 from minicenternet.models import build_model
 from minicenternet.predict import Detector
-from minicenternet.train import TrainConfig, lr_factor, train
+from minicenternet.train import Report, TrainConfig, lr_factor, train
 
 DROPS = (90 / 140, 120 / 140)
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -69,9 +70,7 @@ def test_train_end_to_end_and_resume(tiny_shapes, tmp_path):
     )
     result = train(cfg, progress=False)
     out = tmp_path / "run"
-    assert set(result) == set(METRICS)
-    assert all(0.0 <= result[k] <= 1.0 or math.isnan(result[k]) for k in METRICS)
-    for name in ("last.pt", "best.pt", "metrics.jsonl"):
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "report.json"):
         assert (out / name).is_file(), name
 
     records = _read_metrics(out / "metrics.jsonl")
@@ -90,7 +89,16 @@ def test_train_end_to_end_and_resume(tiny_shapes, tmp_path):
     assert all(s["step"] == 4 for s in last["optimizer"]["state"].values())
     best = load_checkpoint(out / "best.pt")
     assert best["metrics"]["AP"] == max(r["AP"] for r in records)
-    assert result["AP"] == best["metrics"]["AP"]
+    # the report: best.pt (chosen on val) measured on the test split
+    assert (result.split, result.checkpoint, result.epoch) == ("test", "best.pt", best["metrics"]["epoch"])
+    on_test = evaluate(Detector.from_checkpoint(out / "best.pt", device="cpu"), CocoDetection.from_root(tiny_shapes, "test"),
+                       progress=False)
+    assert set(result.metrics) == set(METRICS)
+    for name in METRICS:
+        assert result.metrics[name] == pytest.approx(on_test[name], abs=1e-6, nan_ok=True)
+    stored = json.loads((out / "report.json").read_text())
+    assert (stored["split"], stored["epoch"], stored["checkpoint"]) == ("test", result.epoch, "best.pt")
+    assert "test split of best.pt" in result.describe()
 
     # resume with a longer schedule: only epoch 3 runs
     train(TrainConfig(**{**cfg.__dict__, "epochs": 3}), resume=True, progress=False)
@@ -130,11 +138,11 @@ def test_a_validation_without_objects_still_gives_a_best_checkpoint(tiny_shapes,
 
     monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: dict.fromkeys(METRICS, math.nan))
     cfg = TrainConfig(
-        data=str(tiny_shapes), out=str(tmp_path / "run"), input_size=64, epochs=2, batch_size=4, num_workers=0,
-        val_every=1, dcn=False, amp=False, device="cpu",
+        data=str(_without_test_split(tiny_shapes, tmp_path)), out=str(tmp_path / "run"), input_size=64, epochs=2,
+        batch_size=4, num_workers=0, val_every=1, dcn=False, amp=False, device="cpu",
     )
     result = train(cfg, progress=False)
-    assert set(result) == set(METRICS) and all(math.isnan(v) for v in result.values())
+    assert set(result.metrics) == set(METRICS) and all(math.isnan(v) for v in result.metrics.values())
     assert load_checkpoint(tmp_path / "run" / "best.pt")["metrics"]["epoch"] == 1
 
     def refuse(constant):
@@ -143,6 +151,29 @@ def test_a_validation_without_objects_still_gives_a_best_checkpoint(tiny_shapes,
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line, parse_constant=refuse) for line in lines]
     assert [r["AP"] for r in records] == [None, None]
+    report = json.loads((tmp_path / "run" / "report.json").read_text(), parse_constant=refuse)
+    assert report["metrics"] == dict.fromkeys(METRICS)
+
+
+def _without_test_split(root, tmp_path):
+    """A copy of the dataset at ``root`` with its train and val splits only."""
+    copy = tmp_path / "no_test"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("test", "instances_test.json"))
+    return copy
+
+
+def test_without_a_test_split_the_last_epoch_is_reported_on_val(tiny_shapes, tmp_path):
+    """As the reference: no model selection, the last epoch's val metrics, and said so."""
+    cfg = TrainConfig(
+        data=str(_without_test_split(tiny_shapes, tmp_path)), out=str(tmp_path / "run"), input_size=64, epochs=2,
+        batch_size=4, lr=1e-3, num_workers=0, val_every=1, dcn=False, amp=False, device="cpu",
+    )
+    result = train(cfg, progress=False)
+    last = _read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert isinstance(result, Report)
+    assert (result.split, result.checkpoint, result.epoch) == ("val", "last.pt", 2)
+    assert result.metrics == pytest.approx({k: math.nan if last[k] is None else last[k] for k in METRICS}, nan_ok=True)
+    assert "last epoch (2)" in result.describe() and "no test split" in result.describe()
 
 
 def test_fused_adam_takes_the_same_steps_as_the_default_adam():

@@ -9,9 +9,12 @@ index)``, so the same seed gives the same bytes in any order and with any number
 
 Layout written under ``root``::
 
-    root/train/000000.png ...            root/val/000000.png ...
-    root/annotations/instances_train.json  root/annotations/instances_val.json
-    root/meta.json                         (generator version and parameters)
+    root/train/000000.png ...   root/val/000000.png ...   root/test/000000.png ...
+    root/annotations/instances_{train,val,test}.json
+    root/meta.json               (generator version and parameters)
+
+Three splits: training picks its best checkpoint on ``val`` and reports it on ``test``, images
+that played no part in choosing it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ __all__ = ["CLASSES", "ShapesConfig", "render_image", "generate_shapes", "ensure
 
 CLASSES = ("ellipse", "rectangle", "triangle", "cross", "star")
 GENERATOR_VERSION = 2
-_SPLIT_IDS = {"train": 1, "val": 2}
+_SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class ShapesConfig:
 
     num_train: int = 3000
     num_val: int = 300
+    num_test: int = 300
     image_size: int = 256
     seed: int = 0
     max_objects: int = 15
@@ -234,7 +238,7 @@ def generate_shapes(root: str | Path, cfg: ShapesConfig = ShapesConfig(), worker
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    for split, count in (("train", cfg.num_train), ("val", cfg.num_val)):
+    for split, count in (("train", cfg.num_train), ("val", cfg.num_val), ("test", cfg.num_test)):
         (root / split).mkdir(exist_ok=True)
         jobs = [(cfg, split, i, str(root / split / f"{i:06d}.png")) for i in range(count)]
         if workers > 0 and count > 64:
@@ -265,7 +269,8 @@ def ensure_shapes(root: str | Path | None = None, cfg: ShapesConfig = ShapesConf
     if meta.is_file() and json.loads(meta.read_text()) == wanted:
         return root
     if verbose:
-        print(f"generating shapes dataset ({cfg.num_train} train + {cfg.num_val} val images) in {root} ...", flush=True)
+        counts = f"{cfg.num_train} train + {cfg.num_val} val + {cfg.num_test} test images"
+        print(f"generating shapes dataset ({counts}) in {root} ...", flush=True)
     start = time.perf_counter()
     staging = root.with_name(f".{root.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)

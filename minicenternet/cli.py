@@ -71,7 +71,8 @@ def _detector(args: argparse.Namespace):
     test = {"input_size": args.input_size, "flip": args.flip, "scales": args.scales, "pad_variant": args.pad, "amp": args.amp}
     detector = Detector.from_checkpoint(
         args.checkpoint, device=args.device, score_threshold=getattr(args, "threshold", 0.0),
-        class_agnostic=getattr(args, "class_agnostic", False), **{k: v for k, v in test.items() if v is not None},
+        class_agnostic=getattr(args, "class_agnostic", False), reference=getattr(args, "reference", False),
+        **{k: v for k, v in test.items() if v is not None},
     )
     print(resolve_amp(detector.device, detector.amp).describe(), flush=True)
     return detector
@@ -84,8 +85,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     root = Path(args.data) if args.data else ensure_shapes()
     dataset = CocoDetection.from_root(root, args.split)
-    metrics = evaluate(_detector(args), dataset)
+    metrics = evaluate(_detector(args), dataset, decimals=2 if args.reference else None)
     kind = "class-agnostic COCO box AP" if args.class_agnostic else "COCO box AP"
+    kind += " (the official test's details)" if args.reference else ""
     print(f"{kind} of {args.checkpoint} on {root} ({args.split}, {len(dataset)} images):")
     print(format_table(metrics))
 
@@ -192,7 +194,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
         p.set_defaults(func=func)
     sub.choices["evaluate"].add_argument("--data", help="COCO-layout folder (default: shapes)")
-    sub.choices["evaluate"].add_argument("--split", default="val")
+    sub.choices["evaluate"].add_argument("--split", default="val", help="val (default), test or train")
+    sub.choices["evaluate"].add_argument(
+        "--reference", action="store_true",
+        help="the official test code's details: plain sigmoid, unclipped boxes, soft-NMS with its stale rows, "
+        "2-decimal results",
+    )
     sub.choices["evaluate"].add_argument(
         "--class-agnostic", action="store_true", help="merge the class heatmaps and ignore categories: localisation only"
     )

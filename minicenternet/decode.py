@@ -3,9 +3,22 @@
 Peaks are the pixels that equal the maximum of their 3x3 neighbourhood (the paper's replacement
 for NMS), the K = 100 highest over all classes become detections, and each is turned into a box
 from its offset and size: ``(x + dx - w / 2, y + dy - h / 2, x + dx + w / 2, y + dy + h / 2)``.
+
+Where the official test code does something we do not by default, the reference behaviour sits
+behind an argument (``Detector(reference=True)`` switches all of them on):
+
+- ``clamp``: we clamp the test probabilities to ``[1e-4, 1 - 1e-4]`` like the training loss;
+  the official test takes the plain sigmoid. Clamping only ties scores beyond the bounds.
+- ``clip``: we clip decoded boxes to the image; the official code does not, so a box may stick
+  out of its image (COCOeval then computes its IoU with the part outside counted).
+- ``reference`` of :func:`soft_nms`: the official multi-scale merge runs an in-place soft-NMS and
+  ignores the list of kept rows it returns, so its output still holds the rows it meant to drop,
+  as stale copies (see :func:`reference_soft_nms`).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -18,8 +31,8 @@ from .data.transforms import affine_matrix, apply_affine_to_boxes, invert_affine
 from .losses import clamped_sigmoid, gather_at
 
 __all__ = [
-    "peak_mask", "decode_scores", "centernet_decode", "merge_flip", "padded_size", "boxes_to_image", "soft_nms",
-    "merge_scales",
+    "peak_mask", "heatmap_probabilities", "decode_scores", "centernet_decode", "merge_flip", "padded_size",
+    "boxes_to_image", "soft_nms", "reference_soft_nms", "merge_scales",
 ]
 
 
@@ -66,30 +79,41 @@ def decode_scores(heat: Tensor, wh: Tensor, reg: Tensor | None, K: int = 100) ->
     return boxes, scores, classes
 
 
-def centernet_decode(hm_logits: Tensor, wh: Tensor, reg: Tensor | None, K: int = 100) -> tuple[Tensor, Tensor, Tensor]:
-    """Decode raw head outputs: clamped sigmoid, 3x3 max-pool peaks, top-K, boxes.
+def heatmap_probabilities(hm_logits: Tensor, clamp: bool = True) -> Tensor:
+    """Heatmap probabilities at test time, float32: the clamped sigmoid of the training loss, or
+    (``clamp=False``) the plain sigmoid of the official test code."""
+    return clamped_sigmoid(hm_logits) if clamp else hm_logits.float().sigmoid()
+
+
+def centernet_decode(
+    hm_logits: Tensor, wh: Tensor, reg: Tensor | None, K: int = 100, clamp: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Decode raw head outputs: sigmoid (clamped unless ``clamp=False``), 3x3 max-pool peaks,
+    top-K, boxes.
 
     Args:
         hm_logits: ``(B, C, H, W)`` heatmap logits.
         wh: ``(B, 2, H, W)``; reg: ``(B, 2, H, W)`` or ``None``; K: detections per image.
+        clamp: see :func:`heatmap_probabilities`.
 
     Returns:
         See :func:`decode_scores`.
     """
-    return decode_scores(clamped_sigmoid(hm_logits), wh, reg, K)
+    return decode_scores(heatmap_probabilities(hm_logits, clamp), wh, reg, K)
 
 
-def merge_flip(outputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def merge_flip(outputs: dict[str, Tensor], clamp: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Flip test of the reference code: a batch ``[images, mirrored images]`` of size ``2B``.
 
-    The heatmap probabilities and the sizes are averaged with the mirrored halves flipped back;
-    the offsets are taken from the unflipped half only (offsets do not mirror).
+    The heatmap probabilities (see :func:`heatmap_probabilities` for ``clamp``) and the sizes are
+    averaged with the mirrored halves flipped back; the offsets are taken from the unflipped half
+    only (offsets do not mirror).
 
     Returns:
         ``heat (B, C, H, W)`` probabilities, ``wh (B, 2, H, W)``, ``reg (B, 2, H, W)``.
     """
     half = outputs["hm"].shape[0] // 2
-    heat = clamped_sigmoid(outputs["hm"])
+    heat = heatmap_probabilities(outputs["hm"], clamp)
     heat = (heat[:half] + heat[half:].flip(3)) / 2
     wh = (outputs["wh"][:half].float() + outputs["wh"][half:].float().flip(3)) / 2
     return heat, wh, outputs["reg"][:half]
@@ -118,8 +142,10 @@ def boxes_to_image(
     scale: float,
     output_size: tuple[int, int],
     image_size: tuple[int, int],
+    clip: bool = True,
 ) -> np.ndarray:
-    """Map ``(N, 4)`` output-stride boxes back to original-image pixels, clipped to the image.
+    """Map ``(N, 4)`` output-stride boxes back to original-image pixels, clipped to the image
+    (``clip=False``: unclipped, as the official code).
 
     Inverts the affine map ``affine_matrix(center, scale, output_size)`` that took the original
     image to the output map (the reference ``transform_preds``).
@@ -129,6 +155,7 @@ def boxes_to_image(
         center: ``(cx, cy)`` of the pre-processing crop; scale: its side ``s``.
         output_size: ``(H/4, W/4)`` of the head outputs.
         image_size: ``(H, W)`` of the original image.
+        clip: clip the boxes to ``[0, W] x [0, H]``.
 
     Returns:
         ``(N, 4)`` float32 ``xyxy`` in original-image pixels.
@@ -136,6 +163,8 @@ def boxes_to_image(
     boxes = boxes.detach().cpu().numpy() if isinstance(boxes, Tensor) else np.asarray(boxes)
     inverse = invert_affine(affine_matrix(center, scale, output_size))
     mapped = apply_affine_to_boxes(boxes, inverse)
+    if not clip:
+        return mapped
     mapped[:, [0, 2]] = mapped[:, [0, 2]].clip(0, image_size[1])
     mapped[:, [1, 3]] = mapped[:, [1, 3]].clip(0, image_size[0])
     return mapped
@@ -177,20 +206,84 @@ def soft_nms(
     return torch.stack(kept_boxes), torch.stack(kept_scores), torch.stack(kept_labels)
 
 
+def reference_soft_nms(rows: np.ndarray, sigma: float = 0.5, threshold: float = 1e-3) -> np.ndarray:
+    """The official multi-scale merge's Gaussian soft-NMS of one class, rows and all.
+
+    The official code calls an in-place soft-NMS (Bodla et al.'s Cython, ``method=2``) on an
+    array ``(N, 5)`` of ``x1, y1, x2, y2, score`` and ignores the indices of the kept rows it
+    returns. In place, the highest remaining row is swapped to the front, the rows after it are
+    decayed by ``exp(-IoU^2 / sigma)`` with IoU in the ``+1`` pixel convention (only where the
+    boxes overlap), and a row that falls below ``threshold`` is overwritten by the current last
+    row while the count shrinks. The array is never cut to that count, so its tail keeps stale
+    copies: rows that were moved forward (often a duplicate of a kept box with an older score),
+    and the dropped row itself when it was the last. This replays those steps on a copy.
+
+    Args:
+        rows: ``(N, 5)`` float array.
+
+    Returns:
+        ``(N, 5)`` float32: the array as the official code leaves it.
+    """
+    boxes = [list(map(float, row)) for row in np.asarray(rows, dtype=np.float32)]
+    count = len(boxes)
+    for i in range(len(boxes)):
+        if i >= count:  # the official loop runs on, but past the count it changes nothing
+            break
+        best = max(range(i, count), key=lambda k: (boxes[k][4], -k))  # the first of equal maxima
+        boxes[i], boxes[best] = boxes[best], boxes[i]
+        tx1, ty1, tx2, ty2, _ = boxes[i]
+        top_area = (tx2 - tx1 + 1) * (ty2 - ty1 + 1)
+        pos = i + 1
+        while pos < count:
+            x1, y1, x2, y2, _ = boxes[pos]
+            inter_w = min(tx2, x2) - max(tx1, x1) + 1
+            inter_h = min(ty2, y2) - max(ty1, y1) + 1
+            if inter_w > 0 and inter_h > 0:
+                inter = inter_w * inter_h
+                overlap = inter / (top_area + (x2 - x1 + 1) * (y2 - y1 + 1) - inter)
+                boxes[pos][4] *= math.exp(-overlap * overlap / sigma)
+                if boxes[pos][4] < threshold:
+                    boxes[pos] = list(boxes[count - 1])  # the last row is copied, not moved
+                    count -= 1
+                    continue  # the copied row is decayed in its new place
+            pos += 1
+    return np.array(boxes, dtype=np.float32).reshape(-1, 5)
+
+
 def merge_scales(
-    detections: list[tuple[Tensor, Tensor, Tensor]], K: int = 100
+    detections: list[tuple[Tensor, Tensor, Tensor]], K: int = 100, reference: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Multi-scale test of the reference code: pool the detections of every scale (boxes already
-    in original-image pixels), apply :func:`soft_nms` per class and keep the ``K`` best.
+    in original-image pixels), apply soft-NMS per class and keep the ``K`` best.
 
     Args:
         detections: one ``(boxes (N, 4), scores (N,), labels (N,))`` per test scale.
         K: detections kept per image (100 in the reference).
+        reference: the official code's merge: :func:`reference_soft_nms` with its stale rows,
+            then every row scoring at least the ``K``-th highest score (more than ``K`` on ties,
+            which the stale copies make common). Default: :func:`soft_nms` and the top ``K``.
 
     Returns:
-        ``boxes (M, 4)``, ``scores (M,)``, ``labels (M,)`` with ``M <= K``, by decreasing score.
+        ``boxes (M, 4)``, ``scores (M,)``, ``labels (M,)`` by decreasing score; ``M <= K`` unless
+        ``reference``.
     """
     boxes, scores, labels = (torch.cat(parts) for parts in zip(*detections))
-    boxes, scores, labels = soft_nms(boxes, scores, labels)
-    order = scores.argsort(descending=True)[:K]
-    return boxes[order], scores[order], labels[order]
+    if not reference:
+        boxes, scores, labels = soft_nms(boxes, scores, labels)
+        order = scores.argsort(descending=True)[:K]
+        return boxes[order], scores[order], labels[order]
+    if len(labels) == 0:
+        return boxes.float(), scores.float(), labels
+    merged = []
+    for label in labels.unique():
+        pick = labels == label
+        rows = torch.cat([boxes[pick].float(), scores[pick].float()[:, None]], 1).numpy()
+        merged.append((torch.from_numpy(reference_soft_nms(rows)), label))
+    rows = torch.cat([r for r, _ in merged])
+    labels = torch.cat([label.repeat(len(r)) for r, label in merged])
+    scores = rows[:, 4]
+    if len(scores) > K:
+        keep = scores >= scores.topk(K).values[-1]
+        rows, scores, labels = rows[keep], scores[keep], labels[keep]
+    order = scores.argsort(descending=True, stable=True)
+    return rows[order, :4], scores[order], labels[order]

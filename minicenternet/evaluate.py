@@ -23,15 +23,24 @@ __all__ = ["METRIC_NAMES", "coco_detections", "coco_eval", "evaluate", "format_t
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def coco_detections(dataset: CocoDetection, index: int, prediction: dict) -> list[dict]:
-    """One image's prediction as COCO result entries (``xywh`` boxes, the file's category ids)."""
+def coco_detections(dataset: CocoDetection, index: int, prediction: dict, decimals: int | None = None) -> list[dict]:
+    """One image's prediction as COCO result entries (``xywh`` boxes, the file's category ids).
+
+    ``decimals=2`` rounds boxes and scores as the official code writes its results file (scores
+    under 0.005 become 0, and equal rounded scores are ranked in file order); the default keeps
+    full precision.
+    """
     boxes = prediction["boxes"].tolist()
+
+    def rounded(value: float) -> float:
+        return float(value) if decimals is None else round(float(value), decimals)
+
     return [
         {
             "image_id": dataset.image_ids[index],
             "category_id": dataset.cat_ids[int(label)],
-            "bbox": [x1, y1, x2 - x1, y2 - y1],
-            "score": float(score),
+            "bbox": [rounded(x1), rounded(y1), rounded(x2 - x1), rounded(y2 - y1)],
+            "score": rounded(score),
         }
         for (x1, y1, x2, y2), score, label in zip(boxes, prediction["scores"].tolist(), prediction["labels"].tolist())
     ]
@@ -66,14 +75,18 @@ def coco_eval(
     return {name: float(value) if value >= 0 else math.nan for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
 
 
-def evaluate(detector: Detector, dataset: CocoDetection, limit: int | None = None, progress: bool = True) -> dict[str, float]:
+def evaluate(
+    detector: Detector, dataset: CocoDetection, limit: int | None = None, progress: bool = True,
+    decimals: int | None = None,
+) -> dict[str, float]:
     """Predict every image of ``dataset`` (or the first ``limit``) and compute COCO AP
-    (class-agnostic COCOeval when ``detector.class_agnostic``)."""
+    (class-agnostic COCOeval when ``detector.class_agnostic``); ``decimals``: see
+    :func:`coco_detections`."""
     count = len(dataset) if limit is None else min(limit, len(dataset))
     detections: list[dict] = []
     for index in tqdm(range(count), desc="evaluate", disable=not progress, leave=False):
         prediction = detector(dataset.image_path(index))[0]
-        detections.extend(coco_detections(dataset, index, prediction))
+        detections.extend(coco_detections(dataset, index, prediction, decimals))
     return coco_eval(dataset, detections, dataset.image_ids[:count], detector.class_agnostic)
 
 

@@ -19,8 +19,7 @@ from .checkpoint import load_checkpoint
 from .data.coco import read_image
 from .data.transforms import affine_matrix, normalize_batch, warp_image
 from .device import AmpSetting, autocast, default_device
-from .decode import boxes_to_image, decode_scores, merge_flip, merge_scales, padded_size
-from .losses import clamped_sigmoid
+from .decode import boxes_to_image, decode_scores, heatmap_probabilities, merge_flip, merge_scales, padded_size
 from .models import build_model
 
 __all__ = ["Detector"]
@@ -74,6 +73,10 @@ class Detector:
             how much AP the classification costs (evaluate it with ``class_agnostic`` COCOeval).
         channels_last: run the network in the channels-last memory format (NHWC), about 25 %
             faster on this project's CPU.
+        reference: the official test code in three details where ours differs (see
+            :mod:`minicenternet.decode`): plain sigmoid instead of the clamped one, boxes not
+            clipped to the image, and the multi-scale soft-NMS output with its stale rows.
+            (Its fourth, 2-decimal COCO results, is ``evaluate(..., decimals=2)``.)
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class Detector:
         amp: AmpSetting = False,
         class_agnostic: bool = False,
         channels_last: bool = True,
+        reference: bool = False,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -98,7 +102,7 @@ class Detector:
             raise ValueError(f"multi-scale test resizes the original image: use input_size=None, not {input_size}")
         self.input_size, self.flip, self.scales, self.K = input_size, flip, tuple(float(v) for v in scales), K
         self.score_threshold, self.pad_variant, self.amp = score_threshold, pad_variant, amp
-        self.class_agnostic = class_agnostic
+        self.class_agnostic, self.reference = class_agnostic, reference
         self.class_names = list(class_names) if class_names is not None else None
 
     @classmethod
@@ -142,14 +146,15 @@ class Detector:
             batch = torch.cat([batch, batch.flip(3)])
         with autocast(self.device, self.amp):
             outputs = self.model(normalize_batch(batch).contiguous(memory_format=self.memory_format))
+        clamp = not self.reference
         if self.flip:
-            heat, wh, reg = merge_flip(outputs)
+            heat, wh, reg = merge_flip(outputs, clamp)
         else:
-            heat, wh, reg = clamped_sigmoid(outputs["hm"]), outputs["wh"], outputs["reg"]
+            heat, wh, reg = heatmap_probabilities(outputs["hm"], clamp), outputs["wh"], outputs["reg"]
         if self.class_agnostic:
             heat = heat.amax(1, keepdim=True)
         boxes, scores, labels = decode_scores(heat, wh, reg, self.K)
-        mapped = boxes_to_image(boxes[0], center, scale, (heat.shape[2], heat.shape[3]), (height, width))
+        mapped = boxes_to_image(boxes[0], center, scale, (heat.shape[2], heat.shape[3]), (height, width), clamp)
         return torch.from_numpy(mapped), scores[0].float().cpu(), labels[0].cpu()
 
     @torch.inference_mode()
@@ -162,7 +167,10 @@ class Detector:
             per_scale = [self._detect(rgb, test_scale) for test_scale in self.scales]
         finally:
             self.model.train(was_training)
-        boxes, scores, labels = per_scale[0] if len(per_scale) == 1 else merge_scales(per_scale, self.K)
+        if len(per_scale) == 1:
+            boxes, scores, labels = per_scale[0]
+        else:
+            boxes, scores, labels = merge_scales(per_scale, self.K, self.reference)
         keep = scores >= self.score_threshold
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 

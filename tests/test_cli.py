@@ -77,8 +77,11 @@ def test_train_command_prints_the_ap_table(trained):
     printed = _table(text)
     best = load_checkpoint(out / "best.pt")
     assert best["model_config"]["dcn"] is False and best["model_config"]["class_names"] == list(CLASSES)
+    assert "COCO box AP on the test split of best.pt (epoch 1, chosen by its val AP):" in text
+    report = json.loads((out / "report.json").read_text())
     for name in METRIC_NAMES:
-        assert printed[name] == pytest.approx(best["metrics"][name], abs=5e-4, nan_ok=True)
+        expected = math.nan if report["metrics"][name] is None else report["metrics"][name]
+        assert printed[name] == pytest.approx(expected, abs=5e-4, nan_ok=True)
     assert (out / "last.pt").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
@@ -123,6 +126,17 @@ def test_evaluate_command_class_agnostic(trained, tiny_shapes):
     assert "class-agnostic COCO box AP" in text
     detector = Detector.from_checkpoint(out / "best.pt", device="cpu", class_agnostic=True)
     expected = evaluate(detector, CocoDetection.from_root(tiny_shapes, "val"), progress=False)
+    for name, value in _table(text).items():
+        assert value == pytest.approx(expected[name], abs=5e-4, nan_ok=True)
+
+
+def test_evaluate_command_with_the_reference_details(trained, tiny_shapes):
+    out, _ = trained
+    argv = ["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(tiny_shapes), "--device", "cpu"]
+    text = _run(argv + ["--reference", "--scales", "0.5", "1"])
+    assert "(the official test's details)" in text
+    detector = Detector.from_checkpoint(out / "best.pt", device="cpu", reference=True, scales=(0.5, 1.0))
+    expected = evaluate(detector, CocoDetection.from_root(tiny_shapes, "val"), progress=False, decimals=2)
     for name, value in _table(text).items():
         assert value == pytest.approx(expected[name], abs=5e-4, nan_ok=True)
 

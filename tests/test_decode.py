@@ -18,6 +18,7 @@ from minicenternet.decode import (
     merge_scales,
     padded_size,
     peak_mask,
+    reference_soft_nms,
     soft_nms,
 )
 from minicenternet.losses import clamped_sigmoid
@@ -283,4 +284,65 @@ def test_merge_scales_pools_suppresses_and_keeps_the_best_K():
     torch.testing.assert_close(scores, torch.tensor([0.9, 0.5, 0.7 * math.exp(-2)]))
     assert torch.equal(boxes, torch.cat([box, far, box])) and labels.tolist() == [2, 2, 2]
     boxes, scores, labels = merge_scales([first, second], K=2)
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.5]))
+
+
+def test_the_official_test_sigmoid_is_not_clamped():
+    logits = torch.full((1, 1, 3, 3), -30.0)
+    logits[0, 0, 1, 1] = 20.0
+    wh, reg = torch.ones(1, 2, 3, 3), torch.zeros(1, 2, 3, 3)
+    _, clamped, _ = centernet_decode(logits, wh, reg, K=1)
+    _, plain, _ = centernet_decode(logits, wh, reg, K=1, clamp=False)
+    assert clamped.item() == pytest.approx(1 - 1e-4) and plain.item() == pytest.approx(1 / (1 + math.exp(-20)))
+    heat, _, _ = merge_flip({"hm": torch.cat([logits, logits]), "wh": torch.cat([wh, wh]), "reg": torch.cat([reg, reg])}, clamp=False)
+    torch.testing.assert_close(heat, logits.sigmoid())
+
+
+def test_boxes_to_image_unclipped_as_the_reference():
+    center, scale, out_size, image_size = np.array([50.0, 30.0]), 100.0, (16, 24), (60, 100)
+    out_boxes = np.array([[-2.0, -2.0, 30.0, 20.0]], dtype=np.float32)
+    back = boxes_to_image(out_boxes, center, scale, out_size, image_size, clip=False)
+    # x = (x' - 12) / 0.24 + 50, y = (y' - 8) / 0.24 + 30
+    np.testing.assert_allclose(back, [[-14 / 0.24 + 50, -10 / 0.24 + 30, 18 / 0.24 + 50, 12 / 0.24 + 30]], rtol=1e-5)
+
+
+A_ROW, C_ROW = [0, 0, 9, 9, 0.9], [20, 20, 29, 29, 0.5]
+
+
+def test_reference_soft_nms_keeps_a_stale_copy_of_the_row_moved_forward():
+    """B, a copy of A at 0.0015, decays by exp(-1 / 0.5) to 0.0002 < 0.001: the last row (C)
+    is copied over it and the count shrinks, but the array keeps its three rows: C twice."""
+    rows = np.array([A_ROW, [0, 0, 9, 9, 0.0015], C_ROW], dtype=np.float32)
+    np.testing.assert_allclose(reference_soft_nms(rows), [A_ROW, C_ROW, C_ROW], rtol=1e-6)
+
+
+def test_reference_soft_nms_leaves_a_dropped_last_row_in_place():
+    rows = np.array([A_ROW, C_ROW, [0, 0, 9, 9, 0.0015]], dtype=np.float32)
+    np.testing.assert_allclose(reference_soft_nms(rows), [A_ROW, C_ROW, [0, 0, 9, 9, 0.0015 * math.exp(-2)]], rtol=1e-5)
+
+
+def test_reference_soft_nms_measures_iou_with_the_plus_one_convention():
+    """Touching boxes [0, 0, 1, 1] and [1, 0, 2, 1]: continuous IoU 0, so soft_nms leaves the
+    second alone; with +1 pixels both are 2 x 2 and share a 1 x 2 column: IoU 2 / 6 = 1/3."""
+    rows = np.array([[0, 0, 1, 1, 0.9], [1, 0, 2, 1, 0.8]], dtype=np.float32)
+    np.testing.assert_allclose(reference_soft_nms(rows)[:, 4], [0.9, 0.8 * math.exp(-(1 / 9) / 0.5)], rtol=1e-6)
+    _, scores, _ = soft_nms(torch.from_numpy(rows[:, :4]), torch.from_numpy(rows[:, 4]), torch.zeros(2, dtype=torch.int64))
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.8]))
+
+
+def test_reference_soft_nms_decays_as_the_hand_computed_example():
+    """The three-box example of the soft_nms test, in +1 pixels ([0, 0, 9, 9] is 10 x 10): the
+    same scores, in the order the in-place swaps leave them."""
+    rows = np.array([[0, 0, 9, 9, 0.9], [5, 0, 14, 9, 0.85], [10, 0, 19, 9, 0.8]], dtype=np.float32)
+    factor = math.exp(-(1 / 9) / 0.5)
+    np.testing.assert_allclose(reference_soft_nms(rows)[:, 4], [0.9, 0.8, 0.85 * factor * factor], rtol=1e-6)
+
+
+def test_reference_merge_keeps_the_stale_rows_and_every_tie_of_the_kth_score():
+    first = (torch.tensor([A_ROW[:4], [0, 0, 9, 9]], dtype=torch.float32), torch.tensor([0.9, 0.0015]), torch.tensor([0, 0]))
+    second = (torch.tensor([C_ROW[:4]], dtype=torch.float32), torch.tensor([0.5]), torch.tensor([0]))
+    boxes, scores, labels = merge_scales([first, second], K=2, reference=True)
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.5, 0.5]))  # K = 2, but the 2nd score is tied
+    assert boxes[1:].tolist() == [C_ROW[:4]] * 2 and labels.tolist() == [0, 0, 0]
+    boxes, scores, _ = merge_scales([first, second], K=2)
     torch.testing.assert_close(scores, torch.tensor([0.9, 0.5]))

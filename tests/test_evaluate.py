@@ -83,3 +83,13 @@ def test_class_agnostic_detector_merges_the_class_heatmaps(one_box):
     assert evaluate(Detector(_TwoClassPeak(), input_size=64, device="cpu"), one_box, progress=False)["AP"] == pytest.approx(1.0)
     agnostic = Detector(_TwoClassPeak(), input_size=64, device="cpu", class_agnostic=True)
     assert evaluate(agnostic, one_box, progress=False)["AP"] == pytest.approx(1.0)
+
+
+def test_reference_results_are_rounded_to_two_decimals(one_box):
+    dataset = one_box
+    prediction = {"boxes": torch.tensor([[1.234, 2.345, 11.111, 22.226]]), "scores": torch.tensor([0.4567]),
+                  "labels": torch.tensor([0])}
+    full = coco_detections(dataset, 0, prediction)[0]
+    rounded = coco_detections(dataset, 0, prediction, decimals=2)[0]
+    assert full["score"] == pytest.approx(0.4567) and full["bbox"][0] == pytest.approx(1.234)
+    assert rounded["score"] == 0.46 and rounded["bbox"] == [1.23, 2.35, 9.88, 19.88]

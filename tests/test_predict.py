@@ -75,12 +75,17 @@ def _predict_and_watch(detector: Detector, rgb: np.ndarray) -> tuple[dict, dict]
         handle.remove()
 
 
-def _check_mapped_back(pred: dict, out: dict, factor: float, shift: tuple[float, float], image_hw: tuple[int, int]) -> None:
+def _check_mapped_back(
+    pred: dict, out: dict, factor: float, shift: tuple[float, float], image_hw: tuple[int, int], reference: bool = False
+) -> None:
     """``pred`` is the top-K decoding of ``out`` with every stride-4 box mapped to the image by
-    ``x = factor x' - shift_x``, ``y = factor y' - shift_y`` and clipped to the image."""
-    boxes, scores, labels = decode_scores(clamped_sigmoid(out["hm"]), out["wh"], out["reg"], K=len(pred["scores"]))
+    ``x = factor x' - shift_x``, ``y = factor y' - shift_y`` and clipped to the image
+    (``reference``: plain sigmoid, no clipping)."""
+    heat = out["hm"].sigmoid() if reference else clamped_sigmoid(out["hm"])
+    boxes, scores, labels = decode_scores(heat, out["wh"], out["reg"], K=len(pred["scores"]))
     expected = boxes[0] * factor - torch.tensor([*shift, *shift])
-    expected = torch.minimum(expected.clamp(min=0), torch.tensor([image_hw[1], image_hw[0]] * 2, dtype=torch.float32))
+    if not reference:
+        expected = torch.minimum(expected.clamp(min=0), torch.tensor([image_hw[1], image_hw[0]] * 2, dtype=torch.float32))
     # reorder corners where a (near-zero, random) size is negative
     expected = torch.cat([torch.minimum(expected[:, :2], expected[:, 2:]), torch.maximum(expected[:, :2], expected[:, 2:])], 1)
     torch.testing.assert_close(pred["boxes"], expected, atol=1e-4, rtol=0)
@@ -98,6 +103,15 @@ def test_original_resolution_is_padded_and_mapped_back(model):
     padded[0, :, 13:83, 3:93] = torch.from_numpy(rgb).permute(2, 0, 1)
     torch.testing.assert_close(seen["input"], normalize_batch(padded))
     _check_mapped_back(pred, seen["out"], 4.0, (3.0, 13.0), (70, 90))
+
+
+def test_reference_test_takes_the_plain_sigmoid_and_leaves_boxes_unclipped(model):
+    """Detector(reference=True): the same mapping as above without clipping; with the head's
+    bias at -2.19, boxes at the top-left map cell reach outside the image (x = 4 x' - 3 < 0)."""
+    rgb = np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    pred, seen = _predict_and_watch(Detector(model, input_size=None, device="cpu", K=400, reference=True), rgb)
+    _check_mapped_back(pred, seen["out"], 4.0, (3.0, 13.0), (70, 90), reference=True)
+    assert (pred["boxes"][:, :2] < 0).any()
 
 
 def test_padding_follows_the_models_pad_multiple(model, monkeypatch):

@@ -39,6 +39,7 @@ def _pretrained(text: str) -> bool | str:
 
 def _train(args: argparse.Namespace) -> None:
     from .evaluate import format_table
+    from .config import preset_config
     from .train import PRETRAIN_STEPS, default_config, train
 
     names = ("arch", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every",
@@ -46,7 +47,10 @@ def _train(args: argparse.Namespace) -> None:
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.budget_minutes is not None:
         overrides["epochs"] = None  # a budget plans the epochs, on any device
-    cfg = replace(default_config(args.device), **overrides)
+    if args.preset:  # the preset's lr scales with an explicit batch size unless --lr is given too
+        cfg = preset_config(args.preset, args.device, **overrides)
+    else:
+        cfg = replace(default_config(args.device), **overrides)
     epochs = f"{cfg.epochs:g} epochs" if cfg.epochs is not None else f"epochs planned to a {cfg.budget_minutes:g}-minute budget"
     if cfg.pretrain_steps is None:
         pretrain = "planned" if cfg.epochs is None else f"{PRETRAIN_STEPS} steps"
@@ -137,11 +141,23 @@ def _data(args: argparse.Namespace) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .config import PRESETS
+    from .models import ARCHS
+
     parser = argparse.ArgumentParser(prog="minicenternet", description="Train and run CenterNet.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a CenterNet (default: ResNet-18 on the shapes dataset)")
-    train.add_argument("--arch", help="resnet18 (default) or resnet101")
+    presets = "\n".join(
+        f"  {name}: {p.arch}, batch {p.batch_size}, lr {p.lr:g}, {p.epochs} epochs, drops at {p.drops}; {p.note}"
+        for name, p in PRESETS.items()
+    )
+    train = sub.add_parser(
+        "train", help="train a CenterNet (default: ResNet-18 on the shapes dataset)",
+        epilog=f"paper presets (--preset; 512x512, Adam; explicit flags win):\n{presets}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--preset", choices=sorted(PRESETS), help="a training setting of the paper (listed below)")
+    train.add_argument("--arch", choices=ARCHS, help="backbone (default resnet18)")
     length = train.add_mutually_exclusive_group()
     length.add_argument(
         "--epochs", type=_positive(float),

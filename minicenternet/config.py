@@ -10,7 +10,10 @@ import torch
 
 from .device import default_device
 
-__all__ = ["PRETRAIN_STEPS", "TrainConfig", "default_config", "command_line", "config_only_settings"]
+__all__ = [
+    "PRETRAIN_STEPS", "TrainConfig", "default_config", "Preset", "PRESETS", "preset_config", "command_line",
+    "config_only_settings",
+]
 
 PRETRAIN_STEPS = 300  # trunk pre-training steps of the CPU preset (at most, when planned to a budget)
 
@@ -115,6 +118,63 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
             device=str(device),
         )
     return replace(cfg, **overrides)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One backbone's COCO training setting in "Objects as Points" (Sec. 5, Implementation
+    details): 512x512 input, Adam, ``batch_size`` and ``lr`` together (a different batch size
+    scales the lr linearly), ``epochs`` with 10x lr drops at the epochs in ``drops``."""
+
+    arch: str
+    batch_size: int
+    lr: float
+    epochs: int
+    drops: tuple[int, ...]
+    pretrained: bool
+    note: str
+
+    def config(self, device: str | None, batch_size: int | None = None, **overrides) -> TrainConfig:
+        """The :class:`TrainConfig` of this preset; ``batch_size`` scales the lr unless ``lr`` is
+        given too; other ``overrides`` win over the preset."""
+        batch = batch_size or self.batch_size
+        cfg = TrainConfig(
+            arch=self.arch, input_size=512, batch_size=batch, lr=self.lr * batch / self.batch_size,
+            epochs=self.epochs, lr_drops=tuple(d / self.epochs for d in self.drops), pretrained=self.pretrained,
+            device=device,
+        )
+        return replace(cfg, **overrides)
+
+
+PRESETS = {
+    "resnet18-coco": Preset(
+        "resnet18", 114, 5e-4, 140, (90, 120), True,
+        "ImageNet trunk, DCN; the paper's batch 114 on 4 GPUs, as the official ctdet_coco_resdcn18 script",
+    ),
+    "resnet101-coco": Preset(
+        "resnet101", 128, 5e-4, 140, (90, 120), True,
+        "ImageNet trunk, DCN; the official ctdet_coco_resdcn101 script runs batch 96 at lr 3.75e-4, the same ratio",
+    ),
+    "dla34-coco": Preset(
+        "dla34", 128, 5e-4, 140, (90, 120), False,
+        "DCN; the paper starts from ImageNet DLA-34 weights, which this library cannot download: pass them with "
+        "--pretrained FILE",
+    ),
+    "hourglass104-coco": Preset(
+        "hourglass104", 29, 2.5e-4, 50, (40,), False,
+        "the paper's batch 29 on 5 GPUs, 50 epochs, drop at 40, from scratch (the official script starts from "
+        "ExtremeNet weights, batch 24)",
+    ),
+}
+
+
+def preset_config(name: str, device: torch.device | str | None = None, **overrides) -> TrainConfig:
+    """The :class:`TrainConfig` of the paper preset ``name`` (see :data:`PRESETS`) on ``device``;
+    ``batch_size`` in ``overrides`` scales the lr linearly unless ``lr`` is given as well."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    device = torch.device(device) if device is not None else default_device()
+    return PRESETS[name].config(str(device), **overrides)
 
 
 _CLI_FLAGS = ("arch", "data", "out", "input_size", "batch_size", "lr", "seed", "val_every", "dcn")

@@ -177,6 +177,38 @@ def test_pretrained_argument(tmp_path):
     assert "--pretrained imagenet" in command_line(cfg, False)
 
 
+def _config_of(monkeypatch, argv: list[str]):
+    """The TrainConfig that ``minicenternet train ARGV`` would run (training replaced by a stub)."""
+    import minicenternet.train as train_module
+    from minicenternet.train import Report
+
+    seen = {}
+    stub = Report(dict.fromkeys(METRIC_NAMES, 0.0), "test", 1, "best.pt")
+    monkeypatch.setattr(train_module, "train", lambda cfg, resume=False: seen.setdefault("cfg", cfg) and stub)
+    _run(["train", *argv])
+    return seen["cfg"]
+
+
+def test_paper_presets_from_the_command_line(monkeypatch):
+    """--preset sets the paper's setting; an explicit flag wins; a batch size scales the lr."""
+    cfg = _config_of(monkeypatch, ["--preset", "hourglass104-coco", "--device", "cpu"])
+    assert (cfg.arch, cfg.input_size, cfg.batch_size, cfg.lr, cfg.epochs) == ("hourglass104", 512, 29, 2.5e-4, 50)
+    assert cfg.lr_drops == (40 / 50,) and cfg.pretrained is False
+    cfg = _config_of(monkeypatch, ["--preset", "dla34-coco", "--batch-size", "32", "--device", "cpu"])
+    assert (cfg.arch, cfg.batch_size, cfg.epochs) == ("dla34", 32, 140)
+    assert cfg.lr == pytest.approx(5e-4 * 32 / 128) and cfg.lr_drops == (90 / 140, 120 / 140)
+    cfg = _config_of(monkeypatch, ["--preset", "resnet18-coco", "--batch-size", "32", "--lr", "1e-3", "--epochs", "3"])
+    assert (cfg.batch_size, cfg.lr, cfg.epochs, cfg.pretrained) == (32, 1e-3, 3, True)
+    assert "hourglass104-coco: hourglass104, batch 29" in _parser_help()
+
+
+def _parser_help() -> str:
+    from minicenternet.cli import _parser
+
+    train = _parser()._subparsers._group_actions[0].choices["train"]
+    return train.format_help()
+
+
 def test_bad_arguments_exit():
     bad = (
         ["train", "--epochs", "many"],

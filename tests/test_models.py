@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from minicenternet.models import build_model
+from minicenternet.models import PAPER_ARCHS, SMALL_ARCHS, build_model
 from minicenternet.models.heads import HM_PRIOR_BIAS
 from minicenternet.models.layers import ModulatedDeformConv2d, fill_bilinear
 
@@ -65,11 +66,33 @@ def test_head_initialisation(models, dcn):
     assert out["hm"].abs().max() > 1.0  # the heatmap head is not the tiny one
 
 
+OFFICIAL_PARAMETERS = {"resnet18": 14_437_349, "resnet101": 49_673_189, "dla34": 19_675_892, "hourglass104": 191_284_008}
+
+
+@pytest.mark.parametrize("arch", PAPER_ARCHS)
+def test_the_factory_defaults_are_the_official_models(arch):
+    """build_model(arch, num_classes=80) has the parameter count of the official CenterNet model
+    (the DLA-34 count without the official loader's unused 1000-class fc)."""
+    model = build_model(arch, num_classes=80)
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMETERS[arch]
+
+
+@pytest.mark.parametrize("arch", ("resnet18",) + SMALL_ARCHS)
+def test_the_factory_gives_stride_4_maps_and_one_dict_per_stack_in_training(arch):
+    """Through build_model, at the pad multiple of each model (the full-size DLA-34 and
+    Hourglass-104 have the same code as their small configurations, tested in their own files)."""
+    model = build_model(arch, num_classes=3, dcn=False)
+    size = model.pad_multiple
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, 3, size, 2 * size))
+        train_out = model.train()(torch.zeros(2, 3, size, size))
+    assert out["hm"].shape == (1, 3, size // 4, size // 2) and out["wh"].shape == (1, 2, size // 4, size // 2)
+    stacks = train_out if isinstance(train_out, list) else [train_out]
+    assert len(stacks) == getattr(model, "num_stacks", 1)
+    assert all(s["hm"].shape == (2, 3, size // 4, size // 4) for s in stacks)
+
+
 def test_factory_errors():
-    with pytest.raises(NotImplementedError, match="DLA"):
-        build_model("dla34", num_classes=3)
-    with pytest.raises(NotImplementedError, match="Hourglass"):
-        build_model("hourglass104", num_classes=3)
     with pytest.raises(ValueError, match="resnet7"):
         build_model("resnet7", num_classes=3)
     with pytest.raises(ValueError, match="task"):
@@ -306,3 +329,21 @@ def test_build_model_passes_up_init_to_every_transposed_conv(up_init):
         else:  # channel c -> channel c only
             torch.testing.assert_close(up.weight[1, 1], kernel)
             assert torch.count_nonzero(up.weight[1, 0]) == 0 and torch.count_nonzero(up.weight[1, 2]) == 0
+
+
+@pytest.mark.parametrize("arch, weight_std_below, zero_bias", [("resnet18", 0.002, True), ("dla-small", None, True),
+                                                              ("hourglass-small", None, False)])
+def test_size_and_offset_heads_start_as_each_official_backbone(arch, weight_std_below, zero_bias):
+    """ResNet: weights N(0, 0.001^2), biases 0; DLA: PyTorch's default weights, biases 0;
+    Hourglass: PyTorch's defaults (uniform weights of bound 1/sqrt(fan_in), non-zero biases)."""
+    heads = build_model(arch, num_classes=3, dcn=False).heads
+    heads = heads[0] if isinstance(heads, nn.ModuleList) else heads
+    for head in (heads.wh, heads.reg):
+        for conv in head[0::2]:
+            fan_in = conv.weight[0].numel()
+            std = conv.weight.std().item()
+            if weight_std_below is not None:
+                assert std < weight_std_below
+            else:  # kaiming_uniform(a=sqrt(5)): uniform in +-1/sqrt(fan_in), std 1/sqrt(3 fan_in)
+                assert std == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.2)
+            assert bool((conv.bias == 0).all()) is zero_bias

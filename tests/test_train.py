@@ -219,3 +219,18 @@ def test_loss_decreases_when_overfitting_one_batch(tiny_shapes):
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("arch", ["dla-small", "hourglass-small"])
+def test_the_small_backbones_train_and_report(tiny_shapes, tmp_path, arch):
+    """The whole loop with the other backbones: Hourglass's per-stack outputs in training, its
+    last stack at validation; the run ends with a report on the test split."""
+    cfg = TrainConfig(
+        arch=arch, data=str(tiny_shapes), out=str(tmp_path / "run"), input_size=64, epochs=1, batch_size=4,
+        num_workers=0, val_every=1, dcn=False, amp=False, device="cpu",
+    )
+    result = train(cfg, progress=False)
+    assert result.split == "test" and set(result.metrics) == set(METRICS)
+    record = _read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
+    assert math.isfinite(record["loss"]) and record["loss"] > 0
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["model_config"]["arch"] == arch

@@ -6,15 +6,15 @@ from pathlib import Path
 
 from torch import nn
 
+from .dla import dla34
+from .hourglass import hourglass104
 from .resnet import ResNetCenterNet
 
-__all__ = ["ARCHS", "build_model"]
+__all__ = ["ARCHS", "PAPER_ARCHS", "SMALL_ARCHS", "build_model"]
 
-ARCHS = ("resnet18", "resnet101", "dla34", "hourglass104")
-_PENDING = {
-    "dla34": "DLA-34 (iterative and hierarchical deep aggregation)",
-    "hourglass104": "Hourglass-104",
-}
+PAPER_ARCHS = ("resnet18", "resnet101", "dla34", "hourglass104")
+SMALL_ARCHS = ("dla-small", "hourglass-small")  # the same code at CPU-lesson size, opt-in by name
+ARCHS = PAPER_ARCHS + SMALL_ARCHS
 
 
 def build_model(
@@ -28,25 +28,32 @@ def build_model(
     """Build a detector.
 
     Args:
-        arch: one of :data:`ARCHS`.
+        arch: one of :data:`ARCHS`: the paper's four backbones, or ``"dla-small"`` /
+            ``"hourglass-small"``, the same networks with fewer channels (and levels) for CPU
+            lessons and tests.
         task: ``"centernet"`` (CornerNet joins with the Hourglass backbone).
         num_classes: ``C``, the heatmap channels.
-        pretrained: ``False``; ``True`` for torchvision's ImageNet trunk weights; or the path of
-            a local trunk ``state_dict``.
+        pretrained: ``False``; ``True`` for torchvision's ImageNet trunk weights (ResNet); or the
+            path of a local file: a trunk ``state_dict`` (ResNet; DLA: the original ImageNet
+            DLA-34 checkpoint) or a whole model's (Hourglass).
         dcn: DCNv2 in the upsampling path (ResNet, DLA); ``False`` uses plain 3x3 convolutions.
+            Hourglass has none.
         up_init: how the ResNet's transposed convolutions start: ``"reference"`` (the official
             code's bilinear fill, which reaches only output channel 0) or ``"identity"`` (every
             channel upsampled bilinearly); see :func:`minicenternet.models.layers.fill_bilinear`.
 
     Returns:
-        An ``nn.Module`` mapping ``(B, 3, H, W)`` images (``H, W`` divisible by 32) to the dict
-        of head outputs at stride 4: ``{"hm": (B, C, H/4, W/4), "wh": (B, 2, H/4, W/4),
-        "reg": (B, 2, H/4, W/4)}``.
+        An ``nn.Module`` mapping ``(B, 3, H, W)`` images (``H, W`` divisible by its
+        ``pad_multiple``: 32, 128 for Hourglass-104) to the dict of head outputs at stride 4:
+        ``{"hm": (B, C, H/4, W/4), "wh": (B, 2, H/4, W/4), "reg": (B, 2, H/4, W/4)}``. Hourglass
+        in training mode returns a list of such dicts, one per stack (intermediate supervision).
     """
     if task != "centernet":
         raise ValueError(f"unknown task {task!r}; available: 'centernet'")
     if arch in ("resnet18", "resnet101"):
         return ResNetCenterNet(arch, num_classes, pretrained=pretrained, dcn=dcn, up_init=up_init)
-    if arch in _PENDING:
-        raise NotImplementedError(f"{_PENDING[arch]} is not implemented yet; available now: resnet18, resnet101")
+    if arch in ("dla34", "dla-small"):
+        return dla34(num_classes, pretrained=pretrained, dcn=dcn, small=arch == "dla-small")
+    if arch in ("hourglass104", "hourglass-small"):
+        return hourglass104(num_classes, pretrained=pretrained, small=arch == "hourglass-small")
     raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")

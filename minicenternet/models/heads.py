@@ -2,8 +2,10 @@
 
 Each head is a 3x3 convolution, a ReLU and a 1x1 convolution. The heatmap head's last bias is
 ``-2.19 = -log((1 - 0.1) / 0.1)``, so every pixel starts at a 0.1 object probability (the
-focal-loss prior of RetinaNet, used by CenterNet); the size and offset heads start near zero
-(weights ~ N(0, 0.001^2), biases 0), as in the reference ResNet code.
+focal-loss prior of RetinaNet, used by CenterNet). The size and offset heads start as each
+official backbone starts them (``regression_init``): ``"small"``, weights ~ N(0, 0.001^2) and
+biases 0 (our ResNet); ``"zero_bias"``, PyTorch's default weights and biases 0 (DLA-34);
+``"default"``, PyTorch's defaults (Hourglass-104).
 
 The heatmap head always runs in fp32, also under autocast: the heatmap goes into the 3x3
 max-pool of decoding, and bf16 keeps only 8 bits of mantissa, so two neighbouring logits of one
@@ -40,15 +42,20 @@ class CenterNetHeads(nn.Module):
         "reg": (B, 2, H/4, W/4)}``; ``hm`` holds fp32 logits, under autocast too.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, head_channels: int = 64) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, head_channels: int = 64, regression_init: str = "small"
+    ) -> None:
         super().__init__()
         self.hm = make_head(in_channels, head_channels, num_classes)
         self.wh = make_head(in_channels, head_channels, 2)
         self.reg = make_head(in_channels, head_channels, 2)
         nn.init.constant_(self.hm[-1].bias, HM_PRIOR_BIAS)
-        for head in (self.wh, self.reg):
+        if regression_init not in ("small", "zero_bias", "default"):
+            raise ValueError(f"regression_init must be 'small', 'zero_bias' or 'default', got {regression_init!r}")
+        for head in (self.wh, self.reg) if regression_init != "default" else ():
             for conv in head[0::2]:
-                nn.init.normal_(conv.weight, std=0.001)
+                if regression_init == "small":
+                    nn.init.normal_(conv.weight, std=0.001)
                 nn.init.zeros_(conv.bias)
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:

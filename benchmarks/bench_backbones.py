@@ -1,0 +1,95 @@
+"""The four backbones of "Objects as Points" side by side: parameters, FLOPs, forward and
+forward + backward time.
+
+    python benchmarks/bench_backbones.py                                   # all four, 256 and 512, batch 2
+    python benchmarks/bench_backbones.py --archs resnet18 dla34 --sizes 256 --device cpu --threads 2
+
+For each backbone (80 classes, the paper's configuration: DCN in the ResNet and DLA upsampling
+paths) and input side it prints the parameter count, the forward GFLOPs of one image (2 FLOPs per
+multiply-add; ``torch.utils.flop_counter`` counts the convolutions, and the deformable
+convolutions, which it does not see, are added as a 3x3 convolution of the same shape each), the
+median seconds of a forward pass in eval mode without gradients, and of forward + loss +
+backward in train mode (Hourglass: both stacks' heads and the loss averaged over them), at
+``--batch-size``. Mixed precision as ``--amp/--no-amp``, by default as
+:func:`minicenternet.device.resolve_amp` decides for the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench_centernet import _targets
+from minicenternet.budget import median_seconds
+from minicenternet.device import autocast, default_device, resolve_amp
+from minicenternet.losses import centernet_loss
+from minicenternet.models import build_model
+from minicenternet.models.layers import ModulatedDeformConv2d
+
+
+def forward_gflops(model: torch.nn.Module, size: int, device: torch.device) -> float:
+    """Forward GFLOPs of one ``size x size`` image, deformable convolutions included."""
+    extra = []
+
+    def count_dcn(module: ModulatedDeformConv2d, args, out: torch.Tensor) -> None:
+        _, in_channels, kh, kw = module.weight.shape
+        extra.append(2 * out.shape[1] * in_channels * kh * kw * out.shape[2] * out.shape[3])
+
+    hooks = [m.register_forward_hook(count_dcn) for m in model.modules() if isinstance(m, ModulatedDeformConv2d)]
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.eval()(torch.zeros(1, 3, size, size, device=device))
+    for hook in hooks:
+        hook.remove()
+    return (counter.get_total_flops() + sum(extra)) / 1e9
+
+
+def time_backbone(model, size: int, batch: int, device: torch.device, amp: bool, repeats: int) -> tuple[float, float]:
+    """Median seconds of a forward pass (eval, no grad) and of forward + loss + backward (train)."""
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    targets = _targets(batch, size, 80, device)
+
+    def forward() -> None:
+        with torch.no_grad(), autocast(device, amp):
+            model.eval()(images)
+
+    def forward_backward() -> None:
+        with autocast(device, amp):
+            outputs = model.train()(images)
+        model.zero_grad(set_to_none=True)
+        centernet_loss(outputs, targets)["loss"].backward()
+
+    return median_seconds(forward, 1, repeats, device), median_seconds(forward_backward, 1, repeats, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", nargs="+", default=["resnet18", "dla34", "resnet101", "hourglass104"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device) if args.device else default_device()
+    amp = resolve_amp(device, "auto" if args.amp is None else args.amp)
+    print(f"device {device}, {torch.get_num_threads()} threads, {amp.describe()}, batch {args.batch_size}")
+    print("| backbone | params | input | GFLOPs / image | forward s | forward + backward s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for arch in args.archs:
+        model = build_model(arch, num_classes=80).to(device, memory_format=torch.channels_last)
+        params = sum(p.numel() for p in model.parameters())
+        for size in args.sizes:
+            gflops = forward_gflops(model, size, device)
+            fwd, fwd_bwd = time_backbone(model, size, args.batch_size, device, amp.enabled, args.repeats)
+            print(f"| {arch} | {params:,} | {size} | {gflops:.1f} | {fwd:.3f} | {fwd_bwd:.3f} |", flush=True)
+        del model
+
+
+if __name__ == "__main__":
+    main()

@@ -40,7 +40,7 @@ from .data.coco import CocoDetection
 from .data.shapes import ensure_shapes
 from .data.transforms import normalize_batch
 from .device import AmpChoice, autocast, default_device, fused_adam, resolve_amp
-from .evaluate import METRIC_NAMES, Report, evaluate, run_report
+from .evaluate import Report, evaluate, run_report
 from .losses import centernet_loss
 from .models import build_model
 from .models.resnet import TRUNKS

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .heads import CenterNetHeads
 from .layers import conv3x3, fill_bilinear
+from .weights import load_matching, read_state_dict
 
 __all__ = ["DLA", "DLA34", "DLA_SMALL", "DLACenterNet", "DLAConfig", "dla34", "load_dla_weights"]
 
@@ -248,30 +249,7 @@ def load_dla_weights(trunk: DLA, path: str | Path) -> None:
     ``fc.*`` (the classifier) is dropped; every other key must match by name and shape.
     Raises ``FileNotFoundError`` or ``ValueError`` naming the file (and the first bad keys).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DLA weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable state_dict file ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    expected = trunk.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"weights in {path} do not fit this DLA trunk: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"wrong shapes {shapes[:5]}"
-        )
-    trunk.load_state_dict(state)
+    load_matching(trunk, read_state_dict(path), path, ignore=("fc.",))
 
 
 class DLACenterNet(nn.Module):

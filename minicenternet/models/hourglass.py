@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .heads import CenterNetHeads
+from .weights import load_matching, read_state_dict
 
 __all__ = [
     "HourglassConfig", "HOURGLASS_104", "HOURGLASS_SMALL", "Residual", "HourglassModule", "InterStackMerge",
@@ -211,25 +211,7 @@ def load_model_weights(model: nn.Module, source: bool | str | Path) -> None:
             "there are no ImageNet weights for Hourglass-104 (CornerNet trains it from scratch, CenterNet "
             "starts from ExtremeNet); pass pretrained=False, or the path of a saved state_dict"
         )
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable state_dict file ({type(err).__name__}: {err})") from err
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong_shape = [k for k in own if k in state and getattr(state[k], "shape", None) != own[k].shape]
-    if missing or unexpected or wrong_shape:
-        mismatch = f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong_shape[:5]}"
-        raise ValueError(f"weights in {path} do not fit this {type(model).__name__}: {mismatch}")
-    model.load_state_dict(state)
+    load_matching(model, read_state_dict(source), source)
 
 
 class HourglassNet(nn.Module):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import torchvision
 from torch import Tensor, nn
 
 from .heads import CenterNetHeads
 from .layers import conv3x3, fill_bilinear
+from .weights import load_matching, read_state_dict
 
 __all__ = ["TRUNKS", "ResNetCenterNet", "load_trunk_weights"]
 
@@ -62,25 +62,8 @@ def load_trunk_weights(trunk: nn.Module, source: str | Path | bool, arch: str) -
                 f"--pretrained {arch}.pt (or pretrained='{arch}.pt')"
             ) from err
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights file not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{path}: not a readable state_dict file ({type(err).__name__}: {err})") from err
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    try:
-        missing, unexpected = trunk.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches, e.g. ResNet-50 weights for a ResNet-18
-        raise ValueError(f"weights from {source} do not fit {arch}: {err}") from None
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise ValueError(
-            f"weights from {source} do not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        state = read_state_dict(source)
+    load_matching(trunk, state, source, ignore=("fc.",))
 
 
 class ResNetCenterNet(nn.Module):

@@ -61,7 +61,13 @@ def _native_cpu_bf16() -> str | None:
 
 def _conv_seconds(dtype: torch.dtype | None, repeats: int = 2) -> float:
     """Best time of one 3x3 convolution (forward + backward), ``(8, 128, 32, 32)`` channels-last:
-    a layer of ResNet-18 at a 256 input."""
+    a layer of ResNet-18 at a 256 input. Runs with autograd on even when the first caller is
+    inside ``torch.inference_mode()`` or ``torch.no_grad()`` (a ``Detector`` predicting)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _timed_conv(dtype, repeats)
+
+
+def _timed_conv(dtype: torch.dtype | None, repeats: int) -> float:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(8, 128, 32, 32, generator=generator).contiguous(memory_format=torch.channels_last)
     w = torch.randn(128, 128, 3, 3, generator=generator).contiguous(memory_format=torch.channels_last)

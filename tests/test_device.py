@@ -82,6 +82,15 @@ def test_real_cpu_decision_is_consistent_with_the_hardware():
         assert choice.enabled == (bf16 < fp32)
 
 
+def test_the_cpu_measurement_works_when_first_asked_inside_inference_mode(fresh_decision):
+    """A fresh process whose first "auto" question comes from a Detector (under inference mode)."""
+    if device_module._native_cpu_bf16() is None:
+        pytest.skip("this CPU has no native bf16: nothing is measured")
+    with torch.inference_mode():
+        choice = resolve_amp("cpu")
+    assert "ms bf16 against" in choice.reason
+
+
 def _smooth_peak_heads(height: int = 24, width: int = 24) -> tuple[CenterNetHeads, torch.Tensor]:
     """Heads whose class-0 heatmap logit equals input channel 0, fed a smooth bump.
 

@@ -6,12 +6,13 @@ forward + backward time.
 
 For each backbone (80 classes, the paper's configuration: DCN in the ResNet and DLA upsampling
 paths) and input side it prints the parameter count, the forward GFLOPs of one image (2 FLOPs per
-multiply-add; ``torch.utils.flop_counter`` counts the convolutions, and the deformable
-convolutions, which it does not see, are added as a 3x3 convolution of the same shape each), the
+multiply-add, counted by ``torch.utils.flop_counter``; a deformable convolution counts as the 3x3
+convolution it replaces), the
 median seconds of a forward pass in eval mode without gradients, and of forward + loss +
 backward in train mode (Hourglass: both stacks' heads and the loss averaged over them), at
 ``--batch-size``. Mixed precision as ``--amp/--no-amp``, by default as
-:func:`minicenternet.device.resolve_amp` decides for the device.
+:func:`minicenternet.device.resolve_amp` decides for the device; the deformable convolutions as
+``--dcn-impl`` (see :func:`minicenternet.models.dcn.deform_conv2d`; ``auto``: the native one on a CPU).
 """
 
 from __future__ import annotations
@@ -26,24 +27,23 @@ from minicenternet.budget import median_seconds
 from minicenternet.device import autocast, default_device, resolve_amp
 from minicenternet.losses import centernet_loss
 from minicenternet.models import build_model
-from minicenternet.models.layers import ModulatedDeformConv2d
+from minicenternet.models.dcn import IMPLS, ModulatedDeformConv2d
 
 
 def forward_gflops(model: torch.nn.Module, size: int, device: torch.device) -> float:
-    """Forward GFLOPs of one ``size x size`` image, deformable convolutions included."""
-    extra = []
-
-    def count_dcn(module: ModulatedDeformConv2d, args, out: torch.Tensor) -> None:
-        _, in_channels, kh, kw = module.weight.shape
-        extra.append(2 * out.shape[1] * in_channels * kh * kw * out.shape[2] * out.shape[3])
-
-    hooks = [m.register_forward_hook(count_dcn) for m in model.modules() if isinstance(m, ModulatedDeformConv2d)]
+    """Forward GFLOPs of one ``size x size`` image, deformable convolutions included: the native
+    DCN ends in one matrix product, which ``FlopCounterMode`` counts as the 3x3 convolution it
+    replaces (its bilinear sampling, a gather, is not counted)."""
+    dcns = [m for m in model.modules() if isinstance(m, ModulatedDeformConv2d)]
+    impls = [m.impl for m in dcns]
+    for module in dcns:
+        module.impl = "native"  # torchvision's kernel is invisible to the counter
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model.eval()(torch.zeros(1, 3, size, size, device=device))
-    for hook in hooks:
-        hook.remove()
-    return (counter.get_total_flops() + sum(extra)) / 1e9
+    for module, impl in zip(dcns, impls):
+        module.impl = impl
+    return counter.get_total_flops() / 1e9
 
 
 def time_backbone(model, size: int, batch: int, device: torch.device, amp: bool, repeats: int) -> tuple[float, float]:
@@ -73,16 +73,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dcn-impl", choices=IMPLS, default="auto")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
     amp = resolve_amp(device, "auto" if args.amp is None else args.amp)
-    print(f"device {device}, {torch.get_num_threads()} threads, {amp.describe()}, batch {args.batch_size}")
+    print(f"device {device}, {torch.get_num_threads()} threads, {amp.describe()}, batch {args.batch_size}, "
+          f"DCN {args.dcn_impl}")
     print("| backbone | params | input | GFLOPs / image | forward s | forward + backward s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for arch in args.archs:
         model = build_model(arch, num_classes=80).to(device, memory_format=torch.channels_last)
+        for module in model.modules():
+            if isinstance(module, ModulatedDeformConv2d):
+                module.impl = args.dcn_impl
         params = sum(p.numel() for p in model.parameters())
         for size in args.sizes:
             gflops = forward_gflops(model, size, device)

@@ -27,26 +27,25 @@ from minicenternet.budget import median_seconds
 from minicenternet.device import autocast, default_device, resolve_amp
 from minicenternet.losses import centernet_loss
 from minicenternet.models import build_model
-from minicenternet.models.dcn import IMPLS, ModulatedDeformConv2d
+from minicenternet.models.dcn import IMPLS, set_impl
 
 
 def forward_gflops(model: torch.nn.Module, size: int, device: torch.device) -> float:
     """Forward GFLOPs of one ``size x size`` image, deformable convolutions included: the native
     DCN ends in one matrix product, which ``FlopCounterMode`` counts as the 3x3 convolution it
     replaces (its bilinear sampling, a gather, is not counted)."""
-    dcns = [m for m in model.modules() if isinstance(m, ModulatedDeformConv2d)]
-    impls = [m.impl for m in dcns]
-    for module in dcns:
-        module.impl = "native"  # torchvision's kernel is invisible to the counter
+    previous = set_impl(model, "native")  # torchvision's kernel is invisible to the counter
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model.eval()(torch.zeros(1, 3, size, size, device=device))
-    for module, impl in zip(dcns, impls):
-        module.impl = impl
+    try:
+        with torch.no_grad(), counter:
+            model.eval()(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for module, impl in previous.items():
+            module.impl = impl
     return counter.get_total_flops() / 1e9
 
 
-def time_backbone(model, size: int, batch: int, device: torch.device, amp: bool, repeats: int) -> tuple[float, float]:
+def time_backbone(model: torch.nn.Module, size: int, batch: int, device: torch.device, amp: bool, repeats: int) -> tuple[float, float]:
     """Median seconds of a forward pass (eval, no grad) and of forward + loss + backward (train)."""
     images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     targets = _targets(batch, size, 80, device)
@@ -85,9 +84,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for arch in args.archs:
         model = build_model(arch, num_classes=80).to(device, memory_format=torch.channels_last)
-        for module in model.modules():
-            if isinstance(module, ModulatedDeformConv2d):
-                module.impl = args.dcn_impl
+        set_impl(model, args.dcn_impl)
         params = sum(p.numel() for p in model.parameters())
         for size in args.sizes:
             gflops = forward_gflops(model, size, device)

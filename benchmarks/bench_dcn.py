@@ -28,7 +28,7 @@ from minicenternet.budget import median_seconds
 from minicenternet.device import fused_adam
 from minicenternet.losses import centernet_loss
 from minicenternet.models import build_model
-from minicenternet.models.dcn import ModulatedDeformConv2d, deform_conv2d
+from minicenternet.models.dcn import ModulatedDeformConv2d, deform_conv2d, set_impl
 
 Shape = tuple[int, int, int, int]  # in_channels, height, width, out_channels
 
@@ -72,9 +72,7 @@ def bench_layer(batch: int, shape: Shape, warmup: int, repeats: int) -> dict[str
 
 def _model(dcn: bool, impl: str) -> torch.nn.Module:
     model = build_model("resnet18", num_classes=80, dcn=dcn)
-    for module in model.modules():
-        if isinstance(module, ModulatedDeformConv2d):
-            module.impl = impl
+    set_impl(model, impl)
     return model.to(memory_format=torch.channels_last)
 
 

@@ -94,7 +94,7 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
       epochs, AMP.
     * CPU (and MPS): a run planned to finish within 15 minutes, first-use dataset drawing
       included, on whatever CPU it meets. 128x128 input (evaluation is still at the original
-      256x256), plain 3x3 convs instead of DCN (within the same budget DCN reached a lower AP, even
+      256x256), plain 3x3 convs instead of DCN (in one run each, DCN ended lower within the budget, even
       with the native DCN of :mod:`minicenternet.models.dcn`), transposed
       convolutions initialised as true bilinear upsamplers (``up_init="identity"``), a trunk
       first pre-trained as a classifier of the training objects (:mod:`minicenternet.pretrain`,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from minicenternet.models.dcn import ModulatedDeformConv2d, deform_conv2d, resolve_impl
+from minicenternet.models.dcn import ModulatedDeformConv2d, deform_conv2d, resolve_impl, set_impl
 
 
 def _inputs(
@@ -148,6 +148,11 @@ def test_unsupported_groups_and_names_raise():
         ModulatedDeformConv2d(4, 2, impl="fast")
     assert resolve_impl("auto", torch.device("cpu")) == "native"
     assert resolve_impl("auto", torch.device("cuda")) == "torchvision"
+    assert resolve_impl("auto", torch.device("mps")) == "native"        # torchvision has no kernel there
+    with pytest.raises(ValueError, match="offset must be"):               # batch of the offsets
+        deform_conv2d(**{**args, "offset": args["offset"].repeat(2, 1, 1, 1)}, impl="native")
+    with pytest.raises(ValueError, match="mask must be"):                 # output size of the mask
+        deform_conv2d(**{**args, "mask": torch.ones(1, 9, 4, 5)}, impl="native")
 
 
 def test_module_same_with_both_implementations():
@@ -167,3 +172,37 @@ def test_module_same_with_both_implementations():
         results.append([out, *torch.autograd.grad(out.square().sum(), params)])
     for a, b in zip(*results):
         _assert_close(a, b, rel=1e-4)
+
+
+def test_offset_gradient_at_initialisation_matches_torchvision():
+    # zero offsets with padding 1 put the outer taps of the first row and column exactly on -1,
+    # where torchvision's sample is 0 but its gradient towards the map is not
+    torch.manual_seed(8)
+    layers = {impl: ModulatedDeformConv2d(3, 4, impl=impl) for impl in ("native", "torchvision")}
+    layers["torchvision"].load_state_dict(layers["native"].state_dict())
+    x = torch.randn(2, 3, 6, 5)
+    grads = []
+    for layer in layers.values():
+        out = layer(x)
+        grads.append(torch.autograd.grad(out.square().sum(), layer.offset_mask.weight)[0])
+    assert grads[1].abs().max() > 0
+    _assert_close(*grads, rel=1e-4)
+
+
+def test_set_impl_switches_every_dcn_and_returns_the_old_settings():
+    model = torch.nn.Sequential(ModulatedDeformConv2d(2, 2, impl="native"), torch.nn.ReLU(),
+                                ModulatedDeformConv2d(2, 2, impl="torchvision"))
+    previous = set_impl(model, "auto")
+    assert [m.impl for m in (model[0], model[2])] == ["auto", "auto"]
+    assert list(previous.values()) == ["native", "torchvision"]
+    with pytest.raises(ValueError, match="impl"):
+        set_impl(model, "fast")
+
+
+def test_second_derivatives_are_refused_not_wrong():
+    args = _inputs(1, 2, 2, (4, 5), (3, 3), 1, 1, 1, True, max_offset=2.0, seed=9)
+    x = args["input"].requires_grad_()
+    out = deform_conv2d(**args, impl="native")
+    (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
+        grad.sum().backward()

@@ -21,9 +21,9 @@ sampled row), from which the offset and mask gradients follow through the weight
 input gradient is ``S^T @ grad_cols`` with ``S`` the sparse sampling matrix (four weights a
 row), one sparse-dense product (:class:`_ScatterGradToTable`).
 
-``impl="auto"`` takes this formulation on a CPU, where ``benchmarks/bench_dcn.py`` measures it
-several times faster than ``torchvision.ops.deform_conv2d``'s kernel (figures in
-benchmarks/README.md), and torchvision's kernel on CUDA, where the two have not been compared yet.
+``impl="auto"`` takes torchvision's kernel on CUDA, where the two have not been compared yet, and
+this formulation everywhere else: on a CPU ``benchmarks/bench_dcn.py`` measures it several times
+faster than ``torchvision.ops.deform_conv2d``'s kernel (figures in benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -34,20 +34,33 @@ import torch
 import torch.nn.functional as F
 import torchvision.ops
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-__all__ = ["IMPLS", "ModulatedDeformConv2d", "deform_conv2d", "resolve_impl"]
+__all__ = ["IMPLS", "ModulatedDeformConv2d", "deform_conv2d", "resolve_impl", "set_impl"]
 
 IMPLS = ("native", "torchvision", "auto")
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """``"native"`` or ``"torchvision"``: ``"auto"`` picks native on CPU, torchvision elsewhere."""
+    """``"native"`` or ``"torchvision"``: ``"auto"`` picks torchvision's kernel on CUDA, native
+    everywhere else (the CPU, where it is faster, and devices torchvision has no kernel for)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "native" if device.type == "cpu" else "torchvision"
+        return "torchvision" if device.type == "cuda" else "native"
     return impl
+
+
+def set_impl(model: nn.Module, impl: str) -> dict[nn.Module, str]:
+    """Switch every :class:`ModulatedDeformConv2d` of ``model`` to ``impl``; return each one's
+    previous setting (to restore them)."""
+    resolve_impl(impl, torch.device("cpu"))
+    previous = {}
+    for module in model.modules():
+        if isinstance(module, ModulatedDeformConv2d):
+            previous[module], module.impl = module.impl, impl
+    return previous
 
 
 def _bilinear_taps(
@@ -67,7 +80,8 @@ def _bilinear_taps(
     (1 - ly) lx, ly (1 - lx), ly lx`` (``ly = y - y0``). A neighbour outside the map gets
     weight 0 (its row index is clamped into range, so it is read but contributes nothing), and,
     as in torchvision, a whole sample with ``y <= -1``, ``y >= H``, ``x <= -1`` or ``x >= W``
-    is zero. The geometry is computed in float32 (float64 for float64 offsets) whatever the input
+    is zero (at exactly ``y = -1`` or ``x = -1`` it still passes a gradient to its offset, as
+    torchvision's does). The geometry is computed in float32 (float64 for float64 offsets) whatever the input
     dtype, since bf16 cannot even represent pixel positions above 256 exactly.
 
     Args:
@@ -94,12 +108,14 @@ def _bilinear_taps(
     y0, x0 = y.floor(), x.floor()
     ly, lx = y - y0, x - x0
     y0, x0 = y0.long(), x0.long()
-    # inside also bounds the other side of each corner: y > -1 gives y0 + 1 >= 0, y < H gives y0 <= H - 1
-    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
-    wy0 = (1 - ly) * (inside & (y0 >= 0))
-    wy1 = ly * (inside & (y0 < height - 1))
-    wx0 = (1 - lx) * (x0 >= 0)
-    wx1 = lx * (x0 < width - 1)
+    # y >= -1 gives y0 + 1 >= 0, y < H gives y0 <= H - 1. At y = -1 exactly the sample is 0 (its
+    # only valid neighbour has weight ly = 0) but its gradient towards row 0 is not, as torchvision's
+    inside = (y >= -1) & (y < height) & (x >= -1) & (x < width)
+    zero = ly.new_zeros(())
+    wy0 = torch.where(inside & (y0 >= 0), 1 - ly, zero)    # where, not a product: no nan from inf offsets
+    wy1 = torch.where(inside & (y0 < height - 1), ly, zero)
+    wx0 = torch.where(x0 >= 0, 1 - lx, zero)
+    wx1 = torch.where(x0 < width - 1, lx, zero)
     weight = torch.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], -1)  # [B, H_out, W_out, K, 4]
     if mask is not None:
         weight = weight * mask.to(dtype).permute(0, 2, 3, 1).unsqueeze(-1)
@@ -128,6 +144,7 @@ class _ScatterGradToTable(torch.autograd.Function):
         return cols.view_as(cols)
 
     @staticmethod
+    @once_differentiable  # the weights come in detached: no second derivative through them
     def backward(ctx, grad_cols: Tensor) -> tuple[Tensor, Tensor | None, None, None]:
         grad_table = None
         if ctx.needs_input_grad[1]:
@@ -199,6 +216,14 @@ def deform_conv2d(
     if resolve_impl(impl, input.device) == "torchvision":
         return torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     taps = weight.shape[2] * weight.shape[3]
+    out_size = tuple(
+        (input.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+        for i in range(2)
+    )
+    for name, tensor in (("offset", offset), ("mask", mask)):
+        if tensor is not None and (tensor.shape[0] != input.shape[0] or tuple(tensor.shape[2:]) != out_size):
+            raise ValueError(f"{name} must be (B={input.shape[0]}, *, {out_size[0]}, {out_size[1]}) for this input, "
+                             f"stride, padding and dilation; got {tuple(tensor.shape)}")
     if weight.shape[1] != input.shape[1]:
         raise ValueError(f"native deform_conv2d has no weight groups: weight {tuple(weight.shape)}, input {tuple(input.shape)}")
     if offset.shape[1] != 2 * taps:
@@ -261,8 +286,7 @@ class ModulatedDeformConv2d(nn.Module):
         offset, mask = out[:, : 2 * k2], torch.sigmoid(out[:, 2 * k2 :])
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return deform_conv2d(
-                x.to(dtype), offset.to(dtype), self.weight.to(dtype), bias, stride=self.stride,
-                padding=self.padding, dilation=self.dilation, mask=mask.to(dtype), impl=self.impl,
-            )
+        return deform_conv2d(
+            x.to(dtype), offset.to(dtype), self.weight.to(dtype), bias, stride=self.stride,
+            padding=self.padding, dilation=self.dilation, mask=mask.to(dtype), impl=self.impl,
+        )

@@ -1,4 +1,6 @@
-"""From head outputs to boxes (CenterNet Sec. 4, "From points to bounding boxes").
+"""From head outputs to boxes (CenterNet Sec. 4, "From points to bounding boxes"; CornerNet
+Sec. 4.2, "Testing details", for :func:`cornernet_decode`), and the multi-scale merge (soft-NMS
+itself lives in :mod:`minicenternet.nms` and is re-exported here).
 
 Peaks are the pixels that equal the maximum of their 3x3 neighbourhood (the paper's replacement
 for NMS), the K = 100 highest over all classes become detections, and each is turned into a box
@@ -11,28 +13,28 @@ behind an argument (``Detector(reference=True)`` switches all of them on):
   the official test takes the plain sigmoid. Clamping only ties scores beyond the bounds.
 - ``clip``: we clip decoded boxes to the image; the official code does not, so a box may stick
   out of its image (COCOeval then computes its IoU with the part outside counted).
-- ``reference`` of :func:`soft_nms`: the official multi-scale merge runs an in-place soft-NMS and
-  ignores the list of kept rows it returns, so its output still holds the rows it meant to drop,
-  as stale copies (see :func:`reference_soft_nms`).
+- ``reference`` of :func:`soft_nms`: IoU in the ``+1`` pixel convention, and a box compared with
+  the score threshold only when a kept box overlaps it (the official Cython).
+- ``reference`` of :func:`merge_scales`: the official multi-scale merge runs that in-place
+  soft-NMS and ignores the list of kept rows it returns, so its output still holds the rows it
+  meant to drop, as stale copies (see :func:`reference_soft_nms`).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchvision.ops import box_iou
-
 from .data.transforms import affine_matrix, apply_affine_to_boxes, invert_affine
 from .losses import clamped_sigmoid, gather_at
+from .nms import reference_soft_nms, soft_nms
 
 __all__ = [
-    "peak_mask", "heatmap_probabilities", "decode_scores", "centernet_decode", "merge_flip", "padded_size",
-    "boxes_to_image", "soft_nms", "reference_soft_nms", "merge_scales",
+    "peak_mask", "heatmap_probabilities", "decode_scores", "centernet_decode", "decode_corners",
+    "cornernet_decode", "merge_flip", "padded_size", "boxes_to_image", "soft_nms", "reference_soft_nms",
+    "merge_scales",
 ]
 
 
@@ -45,6 +47,23 @@ def peak_mask(heat: Tensor, kernel: int = 3) -> Tensor:
     """
     hmax = F.max_pool2d(heat, kernel, stride=1, padding=(kernel - 1) // 2)
     return hmax == heat
+
+
+def _top_peaks(heat: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The ``K`` highest 3x3 peaks of ``(B, C, H, W)`` probabilities, one top-K over all classes
+    (``K`` capped at ``C * H * W``); non-peaks score 0 and come last.
+
+    Returns:
+        ``scores``, ``classes`` (int64), flat ``pixel`` indices ``y * W + x`` (int64) and float
+        ``xs``, ``ys``, each ``(B, K)``, by decreasing score.
+    """
+    batch, _, height, width = heat.shape
+    heat = heat * peak_mask(heat)
+    scores, flat = heat.reshape(batch, -1).topk(min(K, heat[0].numel()))
+    classes = torch.div(flat, height * width, rounding_mode="floor")
+    pixel = flat - classes * height * width
+    ys = torch.div(pixel, width, rounding_mode="floor")
+    return scores, classes, pixel, (pixel - ys * width).float(), ys.float()
 
 
 def decode_scores(heat: Tensor, wh: Tensor, reg: Tensor | None, K: int = 100) -> tuple[Tensor, Tensor, Tensor]:
@@ -61,13 +80,7 @@ def decode_scores(heat: Tensor, wh: Tensor, reg: Tensor | None, K: int = 100) ->
         ``boxes (B, K, 4)`` ``xyxy`` in output-stride coordinates, ``scores (B, K)`` and
         ``classes (B, K)`` int64, sorted by decreasing score.
     """
-    batch, _, height, width = heat.shape
-    heat = heat * peak_mask(heat)
-    scores, flat = heat.reshape(batch, -1).topk(min(K, heat[0].numel()))
-    classes = torch.div(flat, height * width, rounding_mode="floor")
-    pixel = flat - classes * height * width
-    ys = torch.div(pixel, width, rounding_mode="floor").float()
-    xs = (pixel - ys.long() * width).float()
+    scores, classes, pixel, xs, ys = _top_peaks(heat, K)
     if reg is None:
         xs, ys = xs + 0.5, ys + 0.5
     else:
@@ -100,6 +113,90 @@ def centernet_decode(
         See :func:`decode_scores`.
     """
     return decode_scores(heatmap_probabilities(hm_logits, clamp), wh, reg, K)
+
+
+def decode_corners(
+    tl_heat: Tensor,
+    br_heat: Tensor,
+    tl_emb: Tensor,
+    br_emb: Tensor,
+    tl_off: Tensor,
+    br_off: Tensor,
+    K: int = 100,
+    ae_threshold: float = 0.5,
+    num_dets: int = 1000,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Group corner peaks into boxes (CornerNet Sec. 4.2, "Testing details").
+
+    The ``K`` highest 3x3 peaks of each heatmap (one top-K over all classes, as for CenterNet)
+    have their offsets added; every top-left is paired with every bottom-right, ``K x K`` pairs,
+    scored by the mean of the two corner scores. A pair is rejected (score ``-1``) when the two
+    classes differ, when ``|e_tl - e_br| > ae_threshold`` (the paper's L1 distance, 0.5), or when
+    ``x_br < x_tl`` or ``y_br < y_tl``. The geometric test is not in the paper; it is the official
+    ``_decode``'s, and its comparisons are strict, as is the embedding one: a pair at exactly
+    the threshold distance, or with ``x_br == x_tl`` (a box of zero width), is kept.
+
+    Args:
+        tl_heat, br_heat: ``(B, C, H, W)`` probabilities (already through the sigmoid).
+        tl_emb, br_emb: ``(B, 1, H, W)`` embeddings.
+        tl_off, br_off: ``(B, 2, H, W)`` offsets ``(dx, dy)`` in map pixels, added to the integer
+            corner position.
+        K: corners of each type (100 in the paper); capped at ``C * H * W``.
+        ae_threshold: the largest embedding distance of a pair (0.5 in the paper).
+        num_dets: pairs returned (1000 in the official code); capped at ``K * K``.
+
+    Returns:
+        ``boxes (B, num_dets, 4)`` ``(x1, y1, x2, y2)`` in output-map pixels, ``scores
+        (B, num_dets)`` and ``classes (B, num_dets)`` int64 (the top-left's class), by decreasing
+        score: the rejected pairs, at ``-1``, last.
+    """
+    batch = tl_heat.shape[0]
+    corners = []
+    for heat, emb, off in ((tl_heat, tl_emb, tl_off), (br_heat, br_emb, br_off)):
+        scores, classes, pixel, xs, ys = _top_peaks(heat, K)
+        offset = gather_at(off.float(), pixel)  # (B, K, 2)
+        embedding = gather_at(emb.float(), pixel)[..., 0]  # (B, K)
+        corners.append((scores, classes, xs + offset[..., 0], ys + offset[..., 1], embedding))
+    (tl_s, tl_c, tl_x, tl_y, tl_e), (br_s, br_c, br_x, br_y, br_e) = corners
+    k = tl_s.shape[1]
+    # pair (i, j) of top-left i and bottom-right j: [:, :, None] indexes i, [:, None, :] indexes j
+    scores = (tl_s[:, :, None] + br_s[:, None, :]) / 2  # (B, K, K)
+    rejected = (
+        (tl_c[:, :, None] != br_c[:, None, :])
+        | ((tl_e[:, :, None] - br_e[:, None, :]).abs() > ae_threshold)
+        | (br_x[:, None, :] < tl_x[:, :, None])
+        | (br_y[:, None, :] < tl_y[:, :, None])
+    )
+    scores = scores.masked_fill(rejected, -1.0).reshape(batch, k * k)
+    boxes = torch.stack(
+        [tl_x[:, :, None].expand(-1, k, k), tl_y[:, :, None].expand(-1, k, k),
+         br_x[:, None, :].expand(-1, k, k), br_y[:, None, :].expand(-1, k, k)], dim=3
+    ).reshape(batch, k * k, 4)
+    scores, pair = scores.topk(min(num_dets, k * k))
+    boxes = boxes.gather(1, pair[..., None].expand(-1, -1, 4))
+    classes = tl_c.gather(1, torch.div(pair, k, rounding_mode="floor"))
+    return boxes, scores, classes
+
+
+def cornernet_decode(
+    outputs: dict[str, Tensor], K: int = 100, ae_threshold: float = 0.5, num_dets: int = 1000, clamp: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Decode raw CornerNet outputs: sigmoid of both heatmaps (clamped unless ``clamp=False``),
+    then :func:`decode_corners`.
+
+    Args:
+        outputs: one stack's ``tl_hm``, ``br_hm`` ``(B, C, H, W)`` logits, ``tl_emb``, ``br_emb``
+            ``(B, 1, H, W)`` and ``tl_off``, ``br_off`` ``(B, 2, H, W)``.
+        K, ae_threshold, num_dets: see :func:`decode_corners`.
+        clamp: see :func:`heatmap_probabilities` (the official test takes the plain sigmoid).
+
+    Returns:
+        See :func:`decode_corners`.
+    """
+    return decode_corners(
+        heatmap_probabilities(outputs["tl_hm"], clamp), heatmap_probabilities(outputs["br_hm"], clamp),
+        outputs["tl_emb"], outputs["br_emb"], outputs["tl_off"], outputs["br_off"], K, ae_threshold, num_dets,
+    )
 
 
 def merge_flip(outputs: dict[str, Tensor], clamp: bool = True) -> tuple[Tensor, Tensor, Tensor]:
@@ -168,86 +265,6 @@ def boxes_to_image(
     mapped[:, [0, 2]] = mapped[:, [0, 2]].clip(0, image_size[1])
     mapped[:, [1, 3]] = mapped[:, [1, 3]].clip(0, image_size[0])
     return mapped
-
-
-def soft_nms(
-    boxes: Tensor, scores: Tensor, labels: Tensor, sigma: float = 0.5, threshold: float = 1e-3
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gaussian soft-NMS (Bodla et al. 2017), class by class.
-
-    Repeatedly keeps the highest-scoring box of a class and multiplies the scores of the others
-    of that class by ``exp(-IoU^2 / sigma)``; boxes that fall below ``threshold`` are dropped.
-    ``sigma = 0.5`` and ``threshold = 0.001`` are the reference's settings for merging the
-    detections of several test scales. The reference computes IoU with its ``+1`` pixel
-    convention; here IoU is the continuous one of :func:`torchvision.ops.box_iou`.
-
-    Args:
-        boxes: ``(N, 4)`` ``xyxy``; scores: ``(N,)``; labels: ``(N,)`` int64.
-
-    Returns:
-        The kept ``boxes (M, 4)``, their decayed ``scores (M,)`` and ``labels (M,)``, in the
-        order they were kept within each class, classes in increasing order.
-    """
-    kept: list[tuple[Tensor, Tensor, Tensor]] = []
-    for label in labels.unique():
-        pick = labels == label
-        class_boxes, class_scores = boxes[pick].float(), scores[pick].float().clone()
-        while class_scores.numel():
-            best = int(class_scores.argmax())
-            kept.append((class_boxes[best], class_scores[best], label))
-            decay = torch.exp(-box_iou(class_boxes[best : best + 1], class_boxes)[0] ** 2 / sigma)
-            class_scores = class_scores * decay
-            class_scores[best] = 0.0
-            alive = class_scores >= threshold
-            class_boxes, class_scores = class_boxes[alive], class_scores[alive]
-    if not kept:
-        return boxes.new_zeros((0, 4)).float(), scores.new_zeros(0).float(), labels.new_zeros(0)
-    kept_boxes, kept_scores, kept_labels = zip(*kept)
-    return torch.stack(kept_boxes), torch.stack(kept_scores), torch.stack(kept_labels)
-
-
-def reference_soft_nms(rows: np.ndarray, sigma: float = 0.5, threshold: float = 1e-3) -> np.ndarray:
-    """The official multi-scale merge's Gaussian soft-NMS of one class, rows and all.
-
-    The official code calls an in-place soft-NMS (Bodla et al.'s Cython, ``method=2``) on an
-    array ``(N, 5)`` of ``x1, y1, x2, y2, score`` and ignores the indices of the kept rows it
-    returns. In place, the highest remaining row is swapped to the front, the rows after it are
-    decayed by ``exp(-IoU^2 / sigma)`` with IoU in the ``+1`` pixel convention (only where the
-    boxes overlap), and a row that falls below ``threshold`` is overwritten by the current last
-    row while the count shrinks. The array is never cut to that count, so its tail keeps stale
-    copies: rows that were moved forward (often a duplicate of a kept box with an older score),
-    and the dropped row itself when it was the last. This replays those steps on a copy.
-
-    Args:
-        rows: ``(N, 5)`` float array.
-
-    Returns:
-        ``(N, 5)`` float32: the array as the official code leaves it.
-    """
-    boxes = [list(map(float, row)) for row in np.asarray(rows, dtype=np.float32)]
-    count = len(boxes)
-    for i in range(len(boxes)):
-        if i >= count:  # the official loop runs on, but past the count it changes nothing
-            break
-        best = max(range(i, count), key=lambda k: (boxes[k][4], -k))  # the first of equal maxima
-        boxes[i], boxes[best] = boxes[best], boxes[i]
-        tx1, ty1, tx2, ty2, _ = boxes[i]
-        top_area = (tx2 - tx1 + 1) * (ty2 - ty1 + 1)
-        pos = i + 1
-        while pos < count:
-            x1, y1, x2, y2, _ = boxes[pos]
-            inter_w = min(tx2, x2) - max(tx1, x1) + 1
-            inter_h = min(ty2, y2) - max(ty1, y1) + 1
-            if inter_w > 0 and inter_h > 0:
-                inter = inter_w * inter_h
-                overlap = inter / (top_area + (x2 - x1 + 1) * (y2 - y1 + 1) - inter)
-                boxes[pos][4] *= math.exp(-overlap * overlap / sigma)
-                if boxes[pos][4] < threshold:
-                    boxes[pos] = list(boxes[count - 1])  # the last row is copied, not moved
-                    count -= 1
-                    continue  # the copied row is decayed in its new place
-            pos += 1
-    return np.array(boxes, dtype=np.float32).reshape(-1, 5)
 
 
 def merge_scales(

@@ -1,4 +1,4 @@
-"""Training targets: Gaussian radius, Gaussian peaks and the CenterNet target tensors.
+"""Training targets: Gaussian radius, Gaussian peaks, and the CenterNet and CornerNet target tensors.
 
 CornerNet (Law & Deng, 2018) softens each ground-truth keypoint into an unnormalised
 2-D Gaussian whose radius is the largest corner displacement that still yields a box with IoU of
@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["gaussian_radius", "gaussian_kernel", "draw_gaussian", "encode_centernet"]
+__all__ = ["gaussian_radius", "gaussian_kernel", "draw_gaussian", "encode_centernet", "encode_cornernet"]
 
 
 def _smaller_root(a: float, b: float, c: float) -> float:
@@ -135,6 +135,23 @@ def draw_gaussian(heatmap: np.ndarray, center: tuple[float, float], radius: int)
     return heatmap
 
 
+def _clip_boxes(
+    boxes: np.ndarray, labels: np.ndarray, num_classes: int, output_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``labels`` and clip ``(N, 4)`` xyxy boxes to ``x in [0, W-1]``, ``y in [0, H-1]``."""
+    out_h, out_w = output_size
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if len(boxes) != len(labels):
+        raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}], got {labels.tolist()}")
+    clipped = boxes.copy()
+    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, out_w - 1)
+    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, out_h - 1)
+    return clipped, labels
+
+
 def encode_centernet(
     boxes: np.ndarray,
     labels: np.ndarray,
@@ -167,20 +184,12 @@ def encode_centernet(
         ``ind (K,)`` int64, ``mask (K,)`` float32.
     """
     out_h, out_w = output_size
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    if len(boxes) != len(labels):
-        raise ValueError(f"{len(boxes)} boxes but {len(labels)} labels")
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes - 1}], got {labels.tolist()}")
+    clipped, labels = _clip_boxes(boxes, labels, num_classes, output_size)
     hm = np.zeros((num_classes, out_h, out_w), dtype=np.float32)
     wh = np.zeros((max_objects, 2), dtype=np.float32)
     reg = np.zeros((max_objects, 2), dtype=np.float32)
     ind = np.zeros((max_objects,), dtype=np.int64)
     mask = np.zeros((max_objects,), dtype=np.float32)
-    clipped = boxes.copy()
-    clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, out_w - 1)
-    clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, out_h - 1)
     k = 0
     for (x1, y1, x2, y2), label in zip(clipped[:max_objects], labels[:max_objects]):
         w, h = x2 - x1, y2 - y1
@@ -196,3 +205,80 @@ def encode_centernet(
         mask[k] = 1
         k += 1
     return {"hm": hm, "wh": wh, "reg": reg, "ind": ind, "mask": mask}
+
+
+def encode_cornernet(
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    output_size: tuple[int, int],
+    max_objects: int = 128,
+    min_overlap: float = 0.3,
+    radius_variant: Literal["reference", "exact"] = "exact",
+) -> dict[str, np.ndarray]:
+    """CornerNet ground truth for one image (CornerNet Sec. 3.2-3.3: Eq. 1 heatmaps, Eq. 2 offsets, Eq. 4-5 pairs).
+
+    Boxes are clipped and degenerate ones skipped exactly as in :func:`encode_centernet`. For each
+    kept box ``k`` with corners ``(x1, y1)``, ``(x2, y2)`` (output-map pixels, floats):
+
+    * ``tl_hm[label]`` gets a Gaussian peak (value 1) at ``(int(x1), int(y1))`` and ``br_hm[label]``
+      one at ``(int(x2), int(y2))``, both of radius ``max(0, int(gaussian_radius(ceil(h), ceil(w),
+      t)))``, merged by element-wise max;
+    * ``tl_off[k] = (x1 - int(x1), y1 - int(y1))``, ``br_off[k]`` likewise (x then y; CornerNet Eq. 2
+      with the stride already divided out);
+    * ``tl_ind[k] = int(y1) * W + int(x1)``, ``br_ind[k]`` likewise; ``mask[k] = 1`` ties slot ``k``
+      of both corner lists to one object, which is what the embedding loss pairs.
+
+    Radius: ``t = 0.3`` is CornerNet's value (the official ``config/CornerNet.json`` sets
+    ``gaussian_iou: 0.3``; its first release left the 0.7 default of ``db/detection.py`` in force).
+    The official ``sample/utils.py`` was corrected in a later commit to take the smaller root in
+    cases 1 and 2 and to divide every root by ``2a``; that corrected formula is, case by case, our
+    ``variant="exact"`` (checked against hand values in the tests), hence the default here.
+    ``"reference"`` gives CornerNet's first-release / CenterNet radius instead.
+
+    Border corners: the reference clips boxes in *input* pixels to ``[0, in_W - 1]`` and scales to
+    the output map, so a right/bottom corner lands at most at ``(in_W - 1) W / in_W`` (127.75 for
+    511 -> 128), which ``int()`` truncates to ``W - 1`` with an offset up to 0.75. Boxes reach this
+    function already in output coordinates, so we clip to ``[0, W - 1]`` as ``encode_centernet`` does:
+    a corner on the border gets index ``W - 1`` (``H - 1``) and offset 0. The reference has no limit
+    on the number of objects (it would fail past ``max_tag_len = 128``); we encode the first
+    ``max_objects`` boxes.
+
+    Args:
+        boxes: ``(N, 4)`` ``xyxy`` already in output-stride coordinates.
+        labels: ``(N,)`` class indices in ``0..num_classes-1``.
+        num_classes: ``C``.
+        output_size: ``(H, W)`` of the output map.
+        max_objects: ``K``, the length of the per-object arrays.
+        min_overlap: IoU threshold ``t`` for the radius (0.3 in CornerNet).
+        radius_variant: see :func:`gaussian_radius`; ``"exact"`` equals CornerNet's corrected code.
+
+    Returns:
+        ``tl_hm``, ``br_hm`` ``(C, H, W)`` float32; ``tl_off``, ``br_off`` ``(K, 2)`` float32;
+        ``tl_ind``, ``br_ind`` ``(K,)`` int64; ``mask`` ``(K,)`` float32.
+    """
+    out_h, out_w = output_size
+    clipped, labels = _clip_boxes(boxes, labels, num_classes, output_size)
+    out = {
+        "tl_hm": np.zeros((num_classes, out_h, out_w), dtype=np.float32),
+        "br_hm": np.zeros((num_classes, out_h, out_w), dtype=np.float32),
+        "tl_off": np.zeros((max_objects, 2), dtype=np.float32),
+        "br_off": np.zeros((max_objects, 2), dtype=np.float32),
+        "tl_ind": np.zeros((max_objects,), dtype=np.int64),
+        "br_ind": np.zeros((max_objects,), dtype=np.int64),
+        "mask": np.zeros((max_objects,), dtype=np.float32),
+    }
+    k = 0
+    for (x1, y1, x2, y2), label in zip(clipped[:max_objects], labels[:max_objects]):
+        w, h = x2 - x1, y2 - y1
+        if w <= 0 or h <= 0:
+            continue
+        radius = max(0, int(gaussian_radius(math.ceil(h), math.ceil(w), min_overlap, radius_variant)))
+        for corner, (fx, fy) in (("tl", (x1, y1)), ("br", (x2, y2))):
+            px, py = int(fx), int(fy)
+            draw_gaussian(out[f"{corner}_hm"][label], (px, py), radius)
+            out[f"{corner}_off"][k] = fx - px, fy - py
+            out[f"{corner}_ind"][k] = py * out_w + px
+        out["mask"][k] = 1
+        k += 1
+    return out

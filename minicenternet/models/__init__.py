@@ -6,15 +6,18 @@ from pathlib import Path
 
 from torch import nn
 
+from .cornernet import HourglassCornerNet
 from .dla import dla34
-from .hourglass import hourglass104
+from .hourglass import HOURGLASS_104, HOURGLASS_SMALL, hourglass104
 from .resnet import ResNetCenterNet
 
-__all__ = ["ARCHS", "PAPER_ARCHS", "SMALL_ARCHS", "build_model"]
+__all__ = ["ARCHS", "PAPER_ARCHS", "SMALL_ARCHS", "TASKS", "CORNERNET_ARCHS", "build_model"]
 
 PAPER_ARCHS = ("resnet18", "resnet101", "dla34", "hourglass104")
 SMALL_ARCHS = ("dla-small", "hourglass-small")  # the same code at CPU-lesson size, opt-in by name
 ARCHS = PAPER_ARCHS + SMALL_ARCHS
+TASKS = ("centernet", "cornernet")
+CORNERNET_ARCHS = ("hourglass104", "hourglass-small")  # CornerNet is defined on the Hourglass only
 
 
 def build_model(
@@ -31,7 +34,8 @@ def build_model(
         arch: one of :data:`ARCHS`: the paper's four backbones, or ``"dla-small"`` /
             ``"hourglass-small"``, the same networks with fewer channels (and levels) for CPU
             lessons and tests.
-        task: ``"centernet"`` (CornerNet joins with the Hourglass backbone).
+        task: one of :data:`TASKS`: ``"centernet"`` (every backbone) or ``"cornernet"`` (the
+            Hourglass archs of :data:`CORNERNET_ARCHS`; see :mod:`minicenternet.models.cornernet`).
         num_classes: ``C``, the heatmap channels.
         pretrained: ``False``; ``True`` for torchvision's ImageNet trunk weights (ResNet); or the
             path of a local file: a trunk ``state_dict`` (ResNet; DLA: the original ImageNet
@@ -45,15 +49,22 @@ def build_model(
     Returns:
         An ``nn.Module`` mapping ``(B, 3, H, W)`` images (``H, W`` divisible by its
         ``pad_multiple``: 32, 128 for Hourglass-104) to the dict of head outputs at stride 4:
-        ``{"hm": (B, C, H/4, W/4), "wh": (B, 2, H/4, W/4), "reg": (B, 2, H/4, W/4)}``. Hourglass
-        in training mode returns a list of such dicts, one per stack (intermediate supervision).
+        ``{"hm": (B, C, H/4, W/4), "wh": (B, 2, H/4, W/4), "reg": (B, 2, H/4, W/4)}``, or for
+        ``task="cornernet"`` ``{"tl_hm", "br_hm": (B, C, H/4, W/4), "tl_emb", "br_emb":
+        (B, 1, H/4, W/4), "tl_off", "br_off": (B, 2, H/4, W/4)}``. Hourglass in training mode
+        returns a list of such dicts, one per stack (intermediate supervision).
     """
-    if task != "centernet":
-        raise ValueError(f"unknown task {task!r}; available: 'centernet'")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+    if task == "cornernet":
+        if arch not in CORNERNET_ARCHS:
+            raise ValueError(f"task 'cornernet' needs an Hourglass backbone, one of {CORNERNET_ARCHS}; got {arch!r}")
+        config = HOURGLASS_SMALL if arch == "hourglass-small" else HOURGLASS_104
+        return HourglassCornerNet(num_classes, pretrained, config)
     if arch in ("resnet18", "resnet101"):
         return ResNetCenterNet(arch, num_classes, pretrained=pretrained, dcn=dcn, up_init=up_init)
     if arch in ("dla34", "dla-small"):
         return dla34(num_classes, pretrained=pretrained, dcn=dcn, small=arch == "dla-small")
-    if arch in ("hourglass104", "hourglass-small"):
-        return hourglass104(num_classes, pretrained=pretrained, small=arch == "hourglass-small")
-    raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+    return hourglass104(num_classes, pretrained=pretrained, small=arch == "hourglass-small")  # the rest of ARCHS

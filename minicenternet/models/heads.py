@@ -20,7 +20,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HM_PRIOR_BIAS", "make_head", "CenterNetHeads"]
+__all__ = ["HM_PRIOR_BIAS", "make_head", "run_in_fp32", "CenterNetHeads"]
 
 HM_PRIOR_BIAS = -2.19
 
@@ -32,6 +32,14 @@ def make_head(in_channels: int, head_channels: int, out_channels: int) -> nn.Seq
         nn.ReLU(inplace=True),
         nn.Conv2d(head_channels, out_channels, 1),
     )
+
+
+def run_in_fp32(head: nn.Module, features: Tensor) -> Tensor:
+    """``head(features)`` in fp32 with autocast off (CPU and CUDA), for the heatmap heads."""
+    device_type = features.device.type
+    fp32 = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
+    with fp32:
+        return head(features.float())
 
 
 class CenterNetHeads(nn.Module):
@@ -59,8 +67,4 @@ class CenterNetHeads(nn.Module):
                 nn.init.zeros_(conv.bias)
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
-        device_type = features.device.type
-        fp32 = torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext()
-        with fp32:
-            hm = self.hm(features.float())
-        return {"hm": hm, "wh": self.wh(features), "reg": self.reg(features)}
+        return {"hm": run_in_fp32(self.hm, features), "wh": self.wh(features), "reg": self.reg(features)}

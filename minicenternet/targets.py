@@ -10,6 +10,7 @@ it runs inside data-loader workers.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Literal
 
@@ -152,6 +153,23 @@ def _clip_boxes(
     return clipped, labels
 
 
+def _encoded_objects(
+    boxes: np.ndarray, labels: np.ndarray, num_classes: int, output_size: tuple[int, int], max_objects: int,
+    min_overlap: float, radius_variant: Literal["reference", "exact"],
+) -> Iterator[tuple[int, np.ndarray, int, int]]:
+    """``(slot k, clipped box (4,), label, radius)`` of each box that both encoders encode: the first
+    ``max_objects`` boxes, clipped, those left with no width or height skipped (slots stay dense);
+    radius ``max(0, int(gaussian_radius(ceil(h), ceil(w))))``."""
+    clipped, labels = _clip_boxes(boxes, labels, num_classes, output_size)
+    k = 0
+    for box, label in zip(clipped[:max_objects], labels[:max_objects]):
+        w, h = box[2] - box[0], box[3] - box[1]
+        if w <= 0 or h <= 0:
+            continue
+        yield k, box, int(label), max(0, int(gaussian_radius(math.ceil(h), math.ceil(w), min_overlap, radius_variant)))
+        k += 1
+
+
 def encode_centernet(
     boxes: np.ndarray,
     labels: np.ndarray,
@@ -184,18 +202,14 @@ def encode_centernet(
         ``ind (K,)`` int64, ``mask (K,)`` float32.
     """
     out_h, out_w = output_size
-    clipped, labels = _clip_boxes(boxes, labels, num_classes, output_size)
     hm = np.zeros((num_classes, out_h, out_w), dtype=np.float32)
     wh = np.zeros((max_objects, 2), dtype=np.float32)
     reg = np.zeros((max_objects, 2), dtype=np.float32)
     ind = np.zeros((max_objects,), dtype=np.int64)
     mask = np.zeros((max_objects,), dtype=np.float32)
-    k = 0
-    for (x1, y1, x2, y2), label in zip(clipped[:max_objects], labels[:max_objects]):
+    objects = _encoded_objects(boxes, labels, num_classes, output_size, max_objects, min_overlap, radius_variant)
+    for k, (x1, y1, x2, y2), label, radius in objects:
         w, h = x2 - x1, y2 - y1
-        if w <= 0 or h <= 0:
-            continue
-        radius = max(0, int(gaussian_radius(math.ceil(h), math.ceil(w), min_overlap, radius_variant)))
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
         px, py = int(cx), int(cy)
         draw_gaussian(hm[label], (px, py), radius)
@@ -203,7 +217,6 @@ def encode_centernet(
         reg[k] = cx - px, cy - py
         ind[k] = py * out_w + px
         mask[k] = 1
-        k += 1
     return {"hm": hm, "wh": wh, "reg": reg, "ind": ind, "mask": mask}
 
 
@@ -258,7 +271,6 @@ def encode_cornernet(
         ``tl_ind``, ``br_ind`` ``(K,)`` int64; ``mask`` ``(K,)`` float32.
     """
     out_h, out_w = output_size
-    clipped, labels = _clip_boxes(boxes, labels, num_classes, output_size)
     out = {
         "tl_hm": np.zeros((num_classes, out_h, out_w), dtype=np.float32),
         "br_hm": np.zeros((num_classes, out_h, out_w), dtype=np.float32),
@@ -268,17 +280,12 @@ def encode_cornernet(
         "br_ind": np.zeros((max_objects,), dtype=np.int64),
         "mask": np.zeros((max_objects,), dtype=np.float32),
     }
-    k = 0
-    for (x1, y1, x2, y2), label in zip(clipped[:max_objects], labels[:max_objects]):
-        w, h = x2 - x1, y2 - y1
-        if w <= 0 or h <= 0:
-            continue
-        radius = max(0, int(gaussian_radius(math.ceil(h), math.ceil(w), min_overlap, radius_variant)))
+    objects = _encoded_objects(boxes, labels, num_classes, output_size, max_objects, min_overlap, radius_variant)
+    for k, (x1, y1, x2, y2), label, radius in objects:
         for corner, (fx, fy) in (("tl", (x1, y1)), ("br", (x2, y2))):
             px, py = int(fx), int(fy)
             draw_gaussian(out[f"{corner}_hm"][label], (px, py), radius)
             out[f"{corner}_off"][k] = fx - px, fy - py
             out[f"{corner}_ind"][k] = py * out_w + px
         out["mask"][k] = 1
-        k += 1
     return out

@@ -23,10 +23,11 @@ from minicenternet.decode import centernet_decode
 from minicenternet.device import autocast, default_device, fused_adam, resolve_amp
 from minicenternet.losses import centernet_loss
 from minicenternet.models import build_model
-from minicenternet.targets import encode_centernet
+from minicenternet.targets import ENCODERS
 
 
-def _targets(batch: int, size: int, num_classes: int, device: torch.device) -> dict[str, torch.Tensor]:
+def _targets(batch: int, size: int, num_classes: int, device: torch.device, task: str = "centernet") -> dict[str, torch.Tensor]:
+    """A batch of the ``task``'s targets for 10 random boxes per image."""
     rng = np.random.default_rng(0)
     out = size // 4
     samples = []
@@ -34,7 +35,7 @@ def _targets(batch: int, size: int, num_classes: int, device: torch.device) -> d
         xy = rng.uniform(0, out * 0.8, (10, 2))
         wh = rng.uniform(2, out * 0.2, (10, 2))
         boxes = np.concatenate([xy, xy + wh], 1)
-        samples.append(encode_centernet(boxes, rng.integers(0, num_classes, 10), num_classes, (out, out)))
+        samples.append(ENCODERS[task](boxes, rng.integers(0, num_classes, 10), num_classes, (out, out)))
     return {k: torch.from_numpy(np.stack([s[k] for s in samples])).to(device) for k in samples[0]}
 
 

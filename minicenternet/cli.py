@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from .data.shapes import ShapesConfig
 
 __all__ = ["main"]
 
+TASK_NAMES = {"centernet": "CenterNet", "cornernet": "CornerNet"}
 AMP_HELP = "mixed precision on or off (default: auto, on for CUDA and on CPUs with native bf16 where it is faster)"
 
 
@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> None:
     from .config import preset_config
     from .train import PRETRAIN_STEPS, default_config, train
 
-    names = ("arch", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every",
+    names = ("arch", "task", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every",
              "dcn", "amp", "budget_minutes", "pretrained")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.budget_minutes is not None:
@@ -50,14 +50,14 @@ def _train(args: argparse.Namespace) -> None:
     if args.preset:  # the preset's lr scales with an explicit batch size unless --lr is given too
         cfg = preset_config(args.preset, args.device, **overrides)
     else:
-        cfg = replace(default_config(args.device), **overrides)
+        cfg = default_config(args.device, **overrides)
     epochs = f"{cfg.epochs:g} epochs" if cfg.epochs is not None else f"epochs planned to a {cfg.budget_minutes:g}-minute budget"
     if cfg.pretrain_steps is None:
         pretrain = "planned" if cfg.epochs is None else f"{PRETRAIN_STEPS} steps"
     else:
         pretrain = f"{cfg.pretrain_steps} steps"
     print(
-        f"training {cfg.arch} CenterNet (dcn={cfg.dcn}) on {cfg.data or 'the shapes dataset'}: "
+        f"training {cfg.arch} {TASK_NAMES[cfg.task]}{f' (dcn={cfg.dcn})' if cfg.task == 'centernet' else ''} on {cfg.data or 'the shapes dataset'}: "
         f"{epochs}, batch {cfg.batch_size}, {cfg.input_size}x{cfg.input_size}, lr {cfg.lr}, "
         f"trunk pre-training {pretrain}, device {cfg.device}, run folder {cfg.out}",
         flush=True,
@@ -142,22 +142,25 @@ def _data(args: argparse.Namespace) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     from .config import PRESETS
-    from .models import ARCHS
+    from .models import ARCHS, TASKS
 
-    parser = argparse.ArgumentParser(prog="minicenternet", description="Train and run CenterNet.")
+    parser = argparse.ArgumentParser(prog="minicenternet", description="Train and run CenterNet and CornerNet.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     presets = "\n".join(
-        f"  {name}: {p.arch}, batch {p.batch_size}, lr {p.lr:g}, {p.epochs} epochs, drops at {p.drops}; {p.note}"
+        f"  {name}: {p.arch}{' CornerNet' if p.task == 'cornernet' else ''}, batch {p.batch_size}, lr {p.lr:g}, {p.epochs} epochs, drops at {p.drops}; {p.note}"
         for name, p in PRESETS.items()
     )
     train = sub.add_parser(
-        "train", help="train a CenterNet (default: ResNet-18 on the shapes dataset)",
+        "train", help="train a CenterNet or CornerNet (default: CenterNet, ResNet-18, on the shapes dataset)",
         epilog=f"paper presets (--preset; 512x512, Adam; explicit flags win):\n{presets}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--preset", choices=sorted(PRESETS), help="a training setting of the paper (listed below)")
-    train.add_argument("--arch", choices=ARCHS, help="backbone (default resnet18)")
+    train.add_argument("--arch", choices=ARCHS, help="backbone (default resnet18; CornerNet: hourglass-small on a CPU)")
+    train.add_argument(
+        "--task", choices=TASKS, help="centernet (default) or cornernet (Hourglass backbones only)"
+    )
     length = train.add_mutually_exclusive_group()
     length.add_argument(
         "--epochs", type=_positive(float),
@@ -235,7 +238,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``minicenternet`` console script."""
-    args = _parser().parse_args(argv)
+    from .models import CORNERNET_ARCHS
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "task", None) == "cornernet" and args.arch not in (None, *CORNERNET_ARCHS):
+        parser.error(f"--task cornernet needs an Hourglass backbone ({', '.join(CORNERNET_ARCHS)}), not {args.arch}")
     args.func(args)
 
 

@@ -42,6 +42,9 @@ class TrainConfig:
 
     ``grad_clip`` is a maximum gradient norm, or ``None``: the official code clips nothing.
 
+    ``task`` is ``"centernet"`` or ``"cornernet"`` (CornerNet: an Hourglass ``arch`` only, see
+    :data:`minicenternet.models.CORNERNET_ARCHS`).
+
     ``amp`` is ``True``, ``False`` or ``"auto"`` (:func:`minicenternet.device.resolve_amp`: on a
     CPU only where bf16 is native and measured faster).
 
@@ -51,9 +54,12 @@ class TrainConfig:
     stored in the checkpoints as ``test_config``, with ``amp``, so
     :meth:`Detector.from_checkpoint` tests a model the way its run scored it. Validation runs
     every ``val_every`` epochs and after the last one; ``val_every=0``: after the last one only.
+    ``eval_limit`` validates and tests on the first ``eval_limit`` images of each split only (a
+    quick look, as in the lessons; ``None``: all of them).
     """
 
     arch: str = "resnet18"
+    task: str = "centernet"
     data: str | None = None
     out: str = "runs/shapes"
     input_size: int = 512
@@ -82,6 +88,7 @@ class TrainConfig:
     eval_flip: bool = False
     eval_scales: tuple[float, ...] = (1.0,)
     eval_pad: str = "reference"
+    eval_limit: int | None = None
     device: str | None = None
     seed: int = 0
 
@@ -107,8 +114,16 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
       three of its five test scales (0.75, 1, 1.25) merged by soft-NMS, without the reference's
       extra padding (``eval_pad="minimal"``: the model never saw that black frame in training).
       The measurements behind each choice are in benchmarks/README.md.
+
+    ``task="cornernet"`` without an ``arch`` picks CornerNet's backbone: on CUDA the paper's
+    setting (:data:`PRESETS` ``"cornernet-hourglass104-coco"``), elsewhere the CPU setting above
+    on ``"hourglass-small"`` (the same network at lesson size).
     """
     device = torch.device(device) if device is not None else default_device()
+    if overrides.get("task") == "cornernet" and "arch" not in overrides:
+        if device.type == "cuda":
+            return preset_config("cornernet-hourglass104-coco", device, **overrides)
+        overrides = {**overrides, "arch": "hourglass-small"}
     if device.type == "cuda":
         cfg = TrainConfig(pretrained=True, device=str(device))
     else:
@@ -124,8 +139,9 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
 @dataclass(frozen=True)
 class Preset:
     """One backbone's COCO training setting in "Objects as Points" (Sec. 5, Implementation
-    details): 512x512 input, Adam, ``batch_size`` and ``lr`` together (a different batch size
-    scales the lr linearly), ``epochs`` with 10x lr drops at the epochs in ``drops``."""
+    details; CornerNet Sec. 4.1 for ``task="cornernet"``): 512x512 input, Adam, ``batch_size`` and
+    ``lr`` together (a different batch size scales the lr linearly), ``epochs`` with 10x lr drops
+    at the epochs in ``drops``."""
 
     arch: str
     batch_size: int
@@ -134,13 +150,14 @@ class Preset:
     drops: tuple[int, ...]
     pretrained: bool
     note: str
+    task: str = "centernet"
 
     def config(self, device: str | None, batch_size: int | None = None, **overrides) -> TrainConfig:
         """The :class:`TrainConfig` of this preset; ``batch_size`` scales the lr unless ``lr`` is
         given too; other ``overrides`` win over the preset."""
         batch = batch_size or self.batch_size
         cfg = TrainConfig(
-            arch=self.arch, input_size=512, batch_size=batch, lr=self.lr * batch / self.batch_size,
+            arch=self.arch, task=self.task, input_size=512, batch_size=batch, lr=self.lr * batch / self.batch_size,
             epochs=self.epochs, lr_drops=tuple(d / self.epochs for d in self.drops), pretrained=self.pretrained,
             device=device,
         )
@@ -166,6 +183,12 @@ PRESETS = {
         "the paper's batch 29 on 5 GPUs, 50 epochs, drop at 40, from scratch (the official script starts from "
         "ExtremeNet weights, batch 24)",
     ),
+    "cornernet-hourglass104-coco": Preset(
+        "hourglass104", 49, 2.5e-4, 207, (186,), False,
+        "CornerNet: batch 49 on 10 GPUs, 500k iterations with a drop at 450k (207 and 186 epochs of COCO's "
+        "118k training images), 511x511 input (here 512), from scratch",
+        task="cornernet",
+    ),
 }
 
 
@@ -178,7 +201,7 @@ def preset_config(name: str, device: torch.device | str | None = None, **overrid
     return PRESETS[name].config(str(device), **overrides)
 
 
-_CLI_FLAGS = ("arch", "data", "out", "input_size", "batch_size", "lr", "seed", "val_every", "dcn")
+_CLI_FLAGS = ("arch", "task", "data", "out", "input_size", "batch_size", "lr", "seed", "val_every", "dcn")
 _LENGTH_AND_DEVICE = ("epochs", "pretrain_steps", "budget_minutes", "amp", "device", "pretrained")
 
 

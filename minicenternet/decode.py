@@ -33,7 +33,7 @@ from .nms import reference_soft_nms, soft_nms
 
 __all__ = [
     "peak_mask", "heatmap_probabilities", "decode_scores", "centernet_decode", "decode_corners",
-    "cornernet_decode", "merge_flip", "padded_size", "boxes_to_image", "soft_nms", "reference_soft_nms",
+    "cornernet_decode", "merge_flip", "mirror_boxes", "padded_size", "boxes_to_image", "soft_nms", "reference_soft_nms",
     "merge_scales",
 ]
 
@@ -214,6 +214,15 @@ def merge_flip(outputs: dict[str, Tensor], clamp: bool = True) -> tuple[Tensor, 
     heat = (heat[:half] + heat[half:].flip(3)) / 2
     wh = (outputs["wh"][:half].float() + outputs["wh"][half:].float().flip(3)) / 2
     return heat, wh, outputs["reg"][:half]
+
+
+def mirror_boxes(boxes: Tensor, width: int) -> Tensor:
+    """Boxes of a mirrored image back in the original's coordinates: ``(x1, y1, x2, y2) ->
+    (W - x2, y1, W - x1, y2)`` for ``(..., 4)`` boxes on a map ``width`` pixels wide (pixel ``i``
+    spans ``[i, i + 1)``, so the mirror of ``x`` is ``W - x``), as the official CornerNet test
+    maps the detections of its flipped half."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack([width - x2, y1, width - x1, y2], dim=-1)
 
 
 def padded_size(size: int, variant: str = "reference", multiple: int = 32) -> int:

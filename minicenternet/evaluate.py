@@ -127,13 +127,13 @@ class Report:
 
 
 def run_report(out: str | Path, last: dict, test_src: CocoDetection | None, device: torch.device | str,
-               channels_last: bool = False, progress: bool = True) -> Report:
+               channels_last: bool = False, progress: bool = True, limit: int | None = None) -> Report:
     """The :class:`Report` of the training run in folder ``out``: its ``best.pt`` evaluated on
-    ``test_src`` (with the test settings the run validated with), or, without a test split, the
-    val metrics of ``last``, the record of the run's last epoch."""
+    ``test_src`` (its first ``limit`` images; with the test settings the run validated with), or,
+    without a test split, the val metrics of ``last``, the record of the run's last epoch."""
     if test_src is None:
         return Report({k: last[k] for k in METRIC_NAMES}, "val", last["epoch"], "last.pt")
     best = Path(out) / "best.pt"
     detector = Detector.from_checkpoint(best, device=device, channels_last=channels_last)
     epoch = load_checkpoint(best)["metrics"]["epoch"]
-    return Report(evaluate(detector, test_src, progress=progress), "test", epoch, "best.pt")
+    return Report(evaluate(detector, test_src, limit, progress), "test", epoch, "best.pt")

@@ -27,6 +27,7 @@ __all__ = [
     "embedding_loss",
     "corner_offset_loss",
     "cornernet_loss",
+    "TASK_LOSSES",
 ]
 
 SIGMOID_EPS = 1e-4
@@ -259,3 +260,6 @@ def cornernet_loss(
     hm, pull, push, off = (torch.stack(column).mean() for column in zip(*terms))
     total = hm + pull_weight * pull + push_weight * push + offset_weight * off
     return {"loss": total, "hm_loss": hm, "pull_loss": pull, "push_loss": push, "off_loss": off}
+
+
+TASK_LOSSES = {"centernet": centernet_loss, "cornernet": cornernet_loss}  # the training loss of each task, by name

@@ -1,4 +1,4 @@
-"""Run a trained CenterNet on images and get torchvision-style predictions in image pixels.
+"""Run a trained CenterNet or CornerNet on images and get torchvision-style predictions in image pixels.
 
 Example::
 
@@ -19,7 +19,10 @@ from .checkpoint import load_checkpoint
 from .data.coco import read_image
 from .data.transforms import affine_matrix, normalize_batch, warp_image
 from .device import AmpSetting, autocast, default_device
-from .decode import boxes_to_image, decode_scores, heatmap_probabilities, merge_flip, merge_scales, padded_size
+from .decode import (
+    boxes_to_image, decode_corners, decode_scores, heatmap_probabilities, merge_flip, merge_scales, mirror_boxes,
+    padded_size,
+)
 from .models import build_model
 
 __all__ = ["Detector"]
@@ -45,25 +48,41 @@ def _as_rgb_uint8(image: ImageLike) -> np.ndarray:
 class Detector:
     """Pre-processing, network, decoding and the inverse affine map, in one callable.
 
+    The model's ``task`` attribute chooses the decoding. CenterNet: 3x3 peaks of the centre
+    heatmap, top ``K``; soft-NMS only to merge several test scales. CornerNet, as its official
+    test (``test/coco.py``): at each scale :func:`~minicenternet.decode.decode_corners` (``K``
+    corners of each type, up to 1000 pairs), the rejected pairs (score -1) dropped, boxes clipped
+    to the image; then the pairs of every scale (and mirror) pooled, per-class Gaussian soft-NMS
+    and the ``K`` best kept, whatever the number of scales: CornerNet always needs soft-NMS, since
+    one object's corners make several overlapping pairs.
+
     Args:
-        model: a CenterNet from :func:`minicenternet.models.build_model`. It is moved to
+        model: a CenterNet or CornerNet from :func:`minicenternet.models.build_model`. It is moved to
             ``device`` and converted to the memory format in place (``nn.Module.to`` works in
             place); it runs in eval mode while predicting and is returned to the mode it had.
         input_size: ``None`` tests at the original resolution, zero-padded (centred) to the
             model's ``pad_multiple`` (32 for ResNet) as the paper does; an int ``S`` resizes the
             longer side to ``S`` and pads to ``S x S`` (the training-time view).
-        flip: flip test (average the heatmaps and sizes of the image and its mirror).
+        flip: flip test. CenterNet: average the heatmaps and sizes of the image and its mirror
+            (the centre of a mirrored box is the mirrored centre). CornerNet: decode the image
+            and its mirror separately, map the mirror's boxes back with
+            :func:`~minicenternet.decode.mirror_boxes` and pool the pairs before soft-NMS, as the
+            official CornerNet test does; its heatmaps cannot be averaged, because the mirror of
+            a top-left corner is a top-right corner, which no head predicts.
         scales: test scales. Each resizes the original image by the factor (to
             ``int(H * s) x int(W * s)``, as the reference; here the resize is folded into the
             one affine warp), then tests it as ``input_size=None`` does. With more than one,
             the detections of all scales (each with its own flip test) are pooled and merged
             by per-class Gaussian soft-NMS, then the ``K`` best kept: the reference's
             multi-scale test (it uses 0.5, 0.75, 1, 1.25, 1.5). Needs ``input_size=None``.
-        K: detections per image before the score threshold (100 in the paper).
+        K: detections per image before the score threshold (100 in both papers); for CornerNet
+            also the corners of each type taken from the heatmaps (100).
         score_threshold: drop detections below this score.
         device: where the network runs (default: :func:`default_device`).
         class_names: names of the contiguous labels, kept for drawing.
-        pad_variant: see :func:`minicenternet.decode.padded_size`.
+        pad_variant: see :func:`minicenternet.decode.padded_size`. (The official CornerNet test
+            pads to ``size | 127``, 383 for 256, one pixel short of the Hourglass multiple; we
+            pad both tasks as CenterNet's Hourglass does, 384.)
         amp: mixed precision, ``True``, ``False`` (the default: results that do not depend on
             the CPU) or ``"auto"`` (see :func:`minicenternet.device.resolve_amp`: on a CPU only
             where bf16 is native and faster; what training runs store for their checkpoints).
@@ -75,7 +94,8 @@ class Detector:
             faster on this project's CPU.
         reference: the official test code in three details where ours differs (see
             :mod:`minicenternet.decode`): plain sigmoid instead of the clamped one, boxes not
-            clipped to the image, and the multi-scale soft-NMS output with its stale rows.
+            clipped to the image (CornerNet's official test clips them: so does ours, either
+            way), and the soft-NMS output with its stale rows.
             (Its fourth, 2-decimal COCO results, is ``evaluate(..., decimals=2)``.)
     """
 
@@ -104,6 +124,7 @@ class Detector:
         self.score_threshold, self.pad_variant, self.amp = score_threshold, pad_variant, amp
         self.class_agnostic, self.reference = class_agnostic, reference
         self.class_names = list(class_names) if class_names is not None else None
+        self.task = getattr(model, "task", "centernet")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device | None = None, **kwargs) -> "Detector":
@@ -116,7 +137,7 @@ class Detector:
         """
         checkpoint = load_checkpoint(path, map_location="cpu")
         meta = checkpoint["model_config"]
-        model = build_model(meta["arch"], num_classes=meta["num_classes"], dcn=meta["dcn"])
+        model = build_model(meta["arch"], meta.get("task", "centernet"), num_classes=meta["num_classes"], dcn=meta["dcn"])
         model.load_state_dict(checkpoint["model"])
         model.eval()  # the detector's own model: it stays in eval mode
         kwargs.setdefault("class_names", meta.get("class_names"))
@@ -137,7 +158,8 @@ class Detector:
         return center, float(max(height, width)), (self.input_size, self.input_size)
 
     def _detect(self, rgb: np.ndarray, test_scale: float) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-K detections at one test scale: ``boxes (K, 4)`` in original pixels, ``scores (K,)``, ``labels (K,)``."""
+        """Detections at one test scale: ``boxes (N, 4)`` in original pixels, ``scores (N,)``,
+        ``labels (N,)``; CenterNet's top ``K``, or CornerNet's accepted pairs."""
         height, width = rgb.shape[:2]
         center, scale, in_size = self._crop(height, width, test_scale)
         warped = warp_image(rgb, affine_matrix(center, scale, in_size), in_size)
@@ -146,6 +168,8 @@ class Detector:
             batch = torch.cat([batch, batch.flip(3)])
         with autocast(self.device, self.amp):
             outputs = self.model(normalize_batch(batch).contiguous(memory_format=self.memory_format))
+        if self.task == "cornernet":
+            return self._pairs(outputs, center, scale, (height, width))
         clamp = not self.reference
         if self.flip:
             heat, wh, reg = merge_flip(outputs, clamp)
@@ -157,6 +181,27 @@ class Detector:
         mapped = boxes_to_image(boxes[0], center, scale, (heat.shape[2], heat.shape[3]), (height, width), clamp)
         return torch.from_numpy(mapped), scores[0].float().cpu(), labels[0].cpu()
 
+    def _pairs(
+        self, outputs: dict[str, Tensor], center: np.ndarray, scale: float, image_size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """CornerNet's accepted pairs of the image (and its mirror, the second of the batch),
+        mapped to original pixels and clipped to the image."""
+        clamp = not self.reference
+        tl_heat = heatmap_probabilities(outputs["tl_hm"], clamp)
+        br_heat = heatmap_probabilities(outputs["br_hm"], clamp)
+        if self.class_agnostic:
+            tl_heat, br_heat = tl_heat.amax(1, keepdim=True), br_heat.amax(1, keepdim=True)
+        boxes, scores, labels = decode_corners(
+            tl_heat, br_heat, outputs["tl_emb"], outputs["br_emb"], outputs["tl_off"], outputs["br_off"], self.K
+        )  # (1 or 2, num_dets, ...)
+        out_size = (tl_heat.shape[2], tl_heat.shape[3])
+        if self.flip:
+            boxes = torch.stack([boxes[0], mirror_boxes(boxes[1], out_size[1])])
+        boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
+        accepted = scores > -1
+        mapped = boxes_to_image(boxes[accepted], center, scale, out_size, image_size)
+        return torch.from_numpy(mapped), scores[accepted].float().cpu(), labels[accepted].cpu()
+
     @torch.inference_mode()
     def predict_one(self, image: ImageLike) -> dict[str, Tensor]:
         """Detections of one image: ``{"boxes": (N, 4) xyxy pixels, "scores": (N,), "labels": (N,)}``."""
@@ -167,7 +212,7 @@ class Detector:
             per_scale = [self._detect(rgb, test_scale) for test_scale in self.scales]
         finally:
             self.model.train(was_training)
-        if len(per_scale) == 1:
+        if len(per_scale) == 1 and self.task == "centernet":
             boxes, scores, labels = per_scale[0]
         else:
             boxes, scores, labels = merge_scales(per_scale, self.K, self.reference)

@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["gaussian_radius", "gaussian_kernel", "draw_gaussian", "encode_centernet", "encode_cornernet"]
+__all__ = ["gaussian_radius", "gaussian_kernel", "draw_gaussian", "encode_centernet", "encode_cornernet", "ENCODERS"]
 
 
 def _smaller_root(a: float, b: float, c: float) -> float:
@@ -289,3 +289,6 @@ def encode_cornernet(
             out[f"{corner}_ind"][k] = py * out_w + px
         out["mask"][k] = 1
     return out
+
+
+ENCODERS = {"centernet": encode_centernet, "cornernet": encode_cornernet}  # the targets of each task, by name

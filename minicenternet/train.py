@@ -14,6 +14,11 @@ On a CPU the run is sized to a wall-clock budget instead of a number of epochs
 (:mod:`minicenternet.budget`): it measures one training step, one pre-training step and the
 evaluation on this machine, plans the epochs to fit, and prints the plan with the command line
 that repeats it without planning.
+
+``task="cornernet"`` (``minicenternet train --task cornernet``) trains CornerNet on an Hourglass
+through the same loop: its targets (:func:`~minicenternet.targets.encode_cornernet`), its loss
+(:func:`~minicenternet.losses.cornernet_loss`) and its test (:class:`~minicenternet.predict.Detector`
+reads the task from the model).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from .data.shapes import ensure_shapes
 from .data.transforms import normalize_batch
 from .device import AmpChoice, autocast, default_device, fused_adam, resolve_amp
 from .evaluate import Report, evaluate, run_report
-from .losses import centernet_loss
+from .losses import TASK_LOSSES
 from .models import build_model
 from .models.resnet import TRUNKS
 from .predict import Detector
@@ -79,7 +84,7 @@ def _datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection, CocoDetec
 def _loader(cfg: TrainConfig, source: CocoDetection, device: torch.device, persistent: bool = True) -> DataLoader:
     dataset = CenterNetDataset(
         source, (cfg.input_size, cfg.input_size), True, cfg.max_objects, cfg.scale_range, cfg.flip_prob,
-        cfg.random_crop, cfg.jitter,
+        cfg.random_crop, cfg.jitter, cfg.task,
     )
     return DataLoader(
         dataset, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, drop_last=len(dataset) >= cfg.batch_size,
@@ -88,7 +93,10 @@ def _loader(cfg: TrainConfig, source: CocoDetection, device: torch.device, persi
 
 
 def _model_config(cfg: TrainConfig, source: CocoDetection) -> dict:
-    return {"arch": cfg.arch, "num_classes": source.num_classes, "dcn": cfg.dcn, "class_names": source.class_names}
+    return {
+        "arch": cfg.arch, "task": cfg.task, "num_classes": source.num_classes, "dcn": cfg.dcn,
+        "class_names": source.class_names,
+    }
 
 
 def _memory_format(cfg: TrainConfig) -> torch.memory_format:
@@ -96,7 +104,9 @@ def _memory_format(cfg: TrainConfig) -> torch.memory_format:
 
 
 def _new_model(cfg: TrainConfig, num_classes: int, device: torch.device, pretrained: str | Path | bool = False):
-    model = build_model(cfg.arch, num_classes=num_classes, pretrained=pretrained, dcn=cfg.dcn, up_init=cfg.up_init)
+    model = build_model(
+        cfg.arch, cfg.task, num_classes=num_classes, pretrained=pretrained, dcn=cfg.dcn, up_init=cfg.up_init
+    )
     return model.to(device, memory_format=_memory_format(cfg))
 
 
@@ -107,7 +117,7 @@ def _step(model, optimizer, scaler, images, targets, cfg: TrainConfig, amp: bool
     targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
     with autocast(device, amp):
         outputs = model(images)
-    losses = centernet_loss(outputs, targets)
+    losses = TASK_LOSSES[cfg.task](outputs, targets)
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(losses["loss"]):
         return None
@@ -118,6 +128,11 @@ def _step(model, optimizer, scaler, images, targets, cfg: TrainConfig, amp: bool
     scaler.step(optimizer)
     scaler.update()
     return losses
+
+
+def _evaluated(cfg: TrainConfig, split: CocoDetection) -> int:
+    """How many images of ``split`` a validation or test evaluates."""
+    return len(split) if cfg.eval_limit is None else min(cfg.eval_limit, len(split))
 
 
 def _needs_pretraining(cfg: TrainConfig) -> bool:
@@ -155,7 +170,7 @@ def _measure(
     pretrain_step = 0.0
     if _needs_pretraining(cfg):
         pretrain_step = pretrain_step_seconds(cfg.arch, num_classes, device=device, amp=amp.enabled)
-    validation = len(val_src) * (per_image + COCOEVAL_SECONDS_PER_IMAGE)
+    validation = _evaluated(cfg, val_src) * (per_image + COCOEVAL_SECONDS_PER_IMAGE)
     if cfg.val_every > 0:  # validations along the way, spread over the epochs
         per_epoch += validation / cfg.val_every
     evaluation = validation + test_images * (per_image + COCOEVAL_SECONDS_PER_IMAGE)
@@ -201,7 +216,7 @@ def _validate_and_save(model, val_src, device, cfg: TrainConfig, record: dict, c
     beats ``best_ap`` (an AP of ``nan``, a validation set without objects, counts as -inf);
     return the best AP."""
     detector = Detector(model, device=device, channels_last=cfg.channels_last, **checkpoint["test_config"])
-    record.update(evaluate(detector, val_src, progress=progress))
+    record.update(evaluate(detector, val_src, cfg.eval_limit, progress))
     ap = -math.inf if math.isnan(record["AP"]) else record["AP"]
     if best_ap is None or ap > best_ap:
         save_checkpoint({**checkpoint, "metrics": record}, out / "best.pt")
@@ -237,7 +252,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
         "input_size": cfg.eval_input_size, "flip": cfg.eval_flip, "scales": tuple(cfg.eval_scales),
         "pad_variant": cfg.eval_pad, "amp": cfg.amp,
     }
-    test_images = len(test_src) if test_src is not None else 0
+    test_images = _evaluated(cfg, test_src) if test_src is not None else 0
     cfg = _settle_length(cfg, state, loader, train_src, val_src, device, amp, test_config, test_images, started)
     pretrained = cfg.pretrained
     if _needs_pretraining(cfg):
@@ -298,7 +313,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
             },
             out / "last.pt",
         )
-    report = run_report(out, history[-1], test_src, device, cfg.channels_last, progress)
+    report = run_report(out, history[-1], test_src, device, cfg.channels_last, progress, cfg.eval_limit)
     (out / "report.json").write_text(json.dumps({**asdict(report), "metrics": _json_safe(report.metrics)}, indent=1))
     return report
 

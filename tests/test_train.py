@@ -82,7 +82,7 @@ def test_train_end_to_end_and_resume(tiny_shapes, tmp_path):
 
     last = load_checkpoint(out / "last.pt")
     assert last["epoch"] == 2 and len(last["history"]) == 2
-    assert last["model_config"] == {"arch": "resnet18", "num_classes": 5, "dcn": False, "class_names": list(CLASSES)}
+    assert last["model_config"] == {"arch": "resnet18", "task": "centernet", "num_classes": 5, "dcn": False, "class_names": list(CLASSES)}
     assert last["train_config"]["input_size"] == 64
     # 8 images / batch 4 = 2 iterations per epoch
     assert last["scheduler"]["last_epoch"] == 4
@@ -129,6 +129,23 @@ def test_validation_after_the_last_epoch_only_with_the_runs_test_settings(tiny_s
     again = evaluate(detector, CocoDetection.from_root(tiny_shapes, "val"), progress=False)
     for name in METRICS:
         assert again[name] == pytest.approx(best["metrics"][name], abs=1e-6, nan_ok=True)
+
+
+def test_eval_limit_validates_and_tests_on_the_first_images_only(tiny_shapes, tmp_path, monkeypatch):
+    """eval_limit=2: two val images after the last epoch and two test images for the report
+    (the tiny dataset has four of each); the AP equals evaluate() on those two."""
+    seen = []
+    original = Detector.predict_one
+    monkeypatch.setattr(Detector, "predict_one", lambda self, image: seen.append(str(image)) or original(self, image))
+    cfg = TrainConfig(
+        data=str(tiny_shapes), out=str(tmp_path / "run"), input_size=64, epochs=1, batch_size=4, num_workers=0,
+        val_every=0, dcn=False, amp=False, device="cpu", eval_limit=2,
+    )
+    report = train(cfg, progress=False)
+    val, test = CocoDetection.from_root(tiny_shapes, "val"), CocoDetection.from_root(tiny_shapes, "test")
+    assert seen == [str(val.image_path(i)) for i in range(2)] + [str(test.image_path(i)) for i in range(2)]
+    detector = Detector.from_checkpoint(tmp_path / "run" / "best.pt", device="cpu")
+    assert evaluate(detector, test, limit=2, progress=False) == pytest.approx(report.metrics, nan_ok=True)
 
 
 def test_a_validation_without_objects_still_gives_a_best_checkpoint(tiny_shapes, tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
-"""Training samples for CenterNet: read, crop and flip an image, then encode its targets.
+"""Training samples for CenterNet and CornerNet: read, crop and flip an image, then encode its targets.
 
 This is the reference ``ctdet`` loader: a random affine crop (scale x0.6 ... x1.3, centre drawn
 away from the borders) and a horizontal flip, the same affine map applied to the boxes at the
-output stride, then :func:`minicenternet.targets.encode_centernet`.
+output stride, then the task's encoder, :func:`minicenternet.targets.encode_centernet` or
+:func:`~minicenternet.targets.encode_cornernet` (a flipped image is encoded after the flip, so
+its top-left corners are those of the mirrored boxes).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..targets import encode_centernet
+from ..targets import ENCODERS
 from .coco import CocoDetection, ImageReadError, Record
 from .transforms import (
     affine_matrix, apply_affine_to_boxes, hflip_image_and_boxes, jitter_crop_params, random_crop_params, warp_image,
@@ -25,7 +27,7 @@ OUTPUT_STRIDE = 4
 
 
 class CenterNetDataset(Dataset):
-    """Network inputs and CenterNet targets from a :class:`CocoDetection`.
+    """Network inputs and CenterNet (or CornerNet) targets from a :class:`CocoDetection`.
 
     Args:
         source: the images and boxes.
@@ -39,9 +41,11 @@ class CenterNetDataset(Dataset):
         jitter: with ``random_crop=False``, jitter the whole-image view as the reference's
             no-random-crop branch does (:func:`jitter_crop_params`); ``False`` keeps it still
             and only flips.
+        task: ``"centernet"`` or ``"cornernet"``: which encoder of
+            :data:`minicenternet.targets.ENCODERS` makes the targets.
 
     Each item is ``(image (3, H, W) uint8 RGB, targets)`` with ``targets`` the tensors of
-    :func:`encode_centernet` at ``(H/4, W/4)``. An unreadable image is reported once and
+    :func:`encode_centernet` (or :func:`encode_cornernet`) at ``(H/4, W/4)``. An unreadable image is reported once and
     replaced by the next readable one, so one bad file never stops a long run.
     """
 
@@ -55,9 +59,13 @@ class CenterNetDataset(Dataset):
         flip_prob: float = 0.5,
         random_crop: bool = True,
         jitter: bool = False,
+        task: str = "centernet",
     ) -> None:
         if input_size[0] % 32 or input_size[1] % 32:
             raise ValueError(f"input_size must be divisible by 32, got {input_size}")
+        if task not in ENCODERS:
+            raise ValueError(f"unknown task {task!r}; choose from {tuple(ENCODERS)}")
+        self.encode = ENCODERS[task]
         self.source, self.input_size, self.train = source, tuple(input_size), train
         self.max_objects, self.scale_range, self.flip_prob = max_objects, scale_range, flip_prob
         self.random_crop, self.jitter = random_crop, jitter
@@ -93,7 +101,5 @@ class CenterNetDataset(Dataset):
                 center[0] = width - center[0] - 1
         warped = warp_image(image, affine_matrix(center, scale, self.input_size), self.input_size)
         out_boxes = apply_affine_to_boxes(boxes, affine_matrix(center, scale, self.output_size))
-        targets = encode_centernet(
-            out_boxes, record.labels, self.source.num_classes, self.output_size, self.max_objects
-        )
+        targets = self.encode(out_boxes, record.labels, self.source.num_classes, self.output_size, self.max_objects)
         return torch.from_numpy(warped).permute(2, 0, 1).contiguous(), {k: torch.from_numpy(v) for k, v in targets.items()}

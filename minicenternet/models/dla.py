@@ -274,6 +274,8 @@ class DLACenterNet(nn.Module):
         {'hm': (1, 5, 32, 32), 'wh': (1, 2, 32, 32), 'reg': (1, 2, 32, 32)}
     """
 
+    task = "centernet"
+
     pad_multiple = 32  # the stride of level 5
 
     def __init__(

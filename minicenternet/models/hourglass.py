@@ -269,6 +269,8 @@ class HourglassCenterNet(HourglassNet):
         {'hm': (1, 5, 16, 24), 'wh': (1, 2, 16, 24), 'reg': (1, 2, 16, 24)}
     """
 
+    task = "centernet"
+
     def __init__(
         self, num_classes: int = 80, pretrained: bool | str | Path = False, config: HourglassConfig = HOURGLASS_104
     ) -> None:

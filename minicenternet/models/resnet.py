@@ -91,6 +91,8 @@ class ResNetCenterNet(nn.Module):
         {'hm': (1, 5, 32, 32), 'wh': (1, 2, 32, 32), 'reg': (1, 2, 32, 32)}
     """
 
+    task = "centernet"
+
     pad_multiple = 32  # inputs are padded to a multiple of the trunk's stride (the paper: 32 for ResNet)
 
     def __init__(

@@ -9,13 +9,21 @@ then renamed over the target in one step.
 from __future__ import annotations
 
 import os
+import pickle
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "save_checkpoint", "load_checkpoint", "load_run_checkpoint", "check_same_model", "MODEL_KEYS", "rng_state",
+    "restore_rng_state",
+]
+
+MODEL_KEYS = ("arch", "task", "num_classes", "dcn")  # what must agree for a state_dict to fit a model
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -42,5 +50,58 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # what weights_only=True raises on pickled Python objects
+        raise ValueError(
+            f"{path}: not a minicenternet checkpoint (it holds Python objects that a safe weights_only load refuses)"
+        ) from err
     except Exception as err:
-        raise ValueError(f"{path}: not a readable minicenternet checkpoint ({err})") from err
+        raise ValueError(f"{path}: not a minicenternet checkpoint (truncated, corrupt or not a PyTorch file)") from err
+
+
+def load_run_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint of a training run (``best.pt``, ``last.pt``): :func:`load_checkpoint`, then a
+    clear error if it lacks the model or the ``model_config`` that says how to rebuild it."""
+    state = load_checkpoint(path, map_location)
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise ValueError(f"{path}: not a minicenternet training checkpoint (no 'model' and 'model_config' entries)")
+    return state
+
+
+def check_same_model(stored: dict[str, Any], wanted: dict[str, Any], path: str | Path) -> None:
+    """Raise a ``ValueError`` naming every difference of :data:`MODEL_KEYS` between a
+    checkpoint's ``model_config`` and the model a run wants, instead of the size-mismatch
+    traceback ``load_state_dict`` would give. A key missing from ``stored`` (a checkpoint from
+    before the key existed) takes its default: task ``"centernet"``."""
+    stored = {"task": "centernet", **stored}
+    differences = [
+        f"{key} {stored.get(key)!r} in the checkpoint, {wanted.get(key)!r} here"
+        for key in MODEL_KEYS if stored.get(key) != wanted.get(key)
+    ]
+    if differences:
+        raise ValueError(f"{path}: the checkpoint holds a different model: {'; '.join(differences)}")
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of Python's, NumPy's, torch's and (if any) CUDA's global generators, as lists,
+    numbers and tensors, so that a ``weights_only`` load reads them back."""
+    version, internal, gauss = random.getstate()
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put back the generator states taken by :func:`rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

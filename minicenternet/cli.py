@@ -1,9 +1,16 @@
-"""Command line: ``minicenternet train | evaluate | predict | data``."""
+"""Command line: ``minicenternet train | evaluate | predict | data``.
+
+A bad command line stops before any data is drawn or loaded, with one line ``minicenternet:
+error: ...`` and exit status 2 (argparse's); an error while running (a missing dataset, a
+foreign checkpoint) is one line too, with exit status 1. ``--debug`` anywhere on the line shows
+the full traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +35,36 @@ def _positive(kind: type, allow_zero: bool = False):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: ``minicenternet: error: ...`` (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"minicenternet: error: {message} (see {self.prog} --help)\n")
+
+
+class UsageError(Exception):
+    """A command line that parses but cannot run (reported like an argparse error, exit status 2)."""
+
+
+def _device(text: str) -> str:
+    """``--device``: a device torch knows and this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; use cpu, cuda, cuda:N or mps")
+    return text
+
+
 def _pretrained(text: str) -> bool | str:
     """``--pretrained``: ``imagenet`` (torchvision's weights), ``none``, or a local trunk file."""
     if text in ("imagenet", "none"):
@@ -40,9 +77,11 @@ def _pretrained(text: str) -> bool | str:
 def _train(args: argparse.Namespace) -> None:
     from .evaluate import format_table
     from .config import preset_config
+    from .models import CORNERNET_ARCHS, input_multiple
+    from .models.resnet import TRUNKS
     from .train import PRETRAIN_STEPS, default_config, train
 
-    names = ("arch", "task", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every",
+    names = ("arch", "task", "train_split", "val_split", "save_every_minutes", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every",
              "dcn", "amp", "budget_minutes", "pretrained")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.budget_minutes is not None:
@@ -51,8 +90,15 @@ def _train(args: argparse.Namespace) -> None:
         cfg = preset_config(args.preset, args.device, **overrides)
     else:
         cfg = default_config(args.device, **overrides)
+    if cfg.task == "cornernet" and cfg.arch not in CORNERNET_ARCHS:
+        raise UsageError(f"--task cornernet needs an Hourglass backbone ({', '.join(CORNERNET_ARCHS)}), not {cfg.arch}")
+    multiple = input_multiple(cfg.arch)
+    if cfg.input_size % multiple:
+        raise UsageError(f"--input-size {cfg.input_size}: {cfg.arch} needs a multiple of {multiple}")
     epochs = f"{cfg.epochs:g} epochs" if cfg.epochs is not None else f"epochs planned to a {cfg.budget_minutes:g}-minute budget"
-    if cfg.pretrain_steps is None:
+    if cfg.arch not in TRUNKS or cfg.pretrained:
+        pretrain = "none"
+    elif cfg.pretrain_steps is None:
         pretrain = "planned" if cfg.epochs is None else f"{PRETRAIN_STEPS} steps"
     else:
         pretrain = f"{cfg.pretrain_steps} steps"
@@ -140,11 +186,53 @@ def _data(args: argparse.Namespace) -> None:
     print(f"shapes dataset ready in {root}")
 
 
+def _data_voc(args: argparse.Namespace) -> None:
+    from .data.voc import voc_to_coco
+
+    for split, ann_file in voc_to_coco(args.voc_root, args.out, args.splits).items():
+        print(f"{split}: {ann_file} and {Path(args.out) / split}")
+    print(f"COCO layout ready in {args.out} (minicenternet train --data {args.out})")
+
+
+def _show_targets(args: argparse.Namespace) -> None:
+    import cv2
+    import torch
+
+    from .config import default_config
+    from .data.centernet_dataset import CenterNetDataset
+    from .data.coco import CocoDetection
+    from .data.shapes import ensure_shapes
+    from .viz import render_targets
+
+    cfg = default_config("cpu", **({"task": args.task} if args.task else {}))
+    root = Path(args.data) if args.data else ensure_shapes()
+    source = CocoDetection.from_root(root, args.split)
+    if not 0 <= args.index < len(source):
+        raise UsageError(f"--index {args.index}: {root} has {len(source)} {args.split} images")
+    size = args.input_size or cfg.input_size
+    if size % 32:
+        raise UsageError(f"--input-size {size}: the training samples need a multiple of 32")
+    dataset = CenterNetDataset(
+        source, (size, size), True, cfg.max_objects, cfg.scale_range, cfg.flip_prob, args.random_crop, False,
+        cfg.task, args.color_aug,
+    )
+    torch.manual_seed(args.seed)  # the sample's augmentation draws come from torch's generator
+    image, targets = dataset[args.index]
+    picture = render_targets(image, {k: v.numpy() for k, v in targets.items()}, source.class_names, cfg.task)
+    zoom = max(1, 384 // picture.shape[0])  # a 128-pixel sample is shown three times larger, pixels kept sharp
+    picture = cv2.resize(picture, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+    print(f"wrote {out}: {source.image_path(args.index).name}, {int(targets['mask'].sum())} objects, {cfg.task} targets")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     from .models import ARCHS, TASKS
 
-    parser = argparse.ArgumentParser(prog="minicenternet", description="Train and run CenterNet and CornerNet.")
+    parser = _Parser(prog="minicenternet", description="Train and run CenterNet and CornerNet.")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     presets = "\n".join(
@@ -174,8 +262,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive(int))
     train.add_argument("--lr", type=float)
     train.add_argument("--input-size", type=int, help="square input side, divisible by 32")
-    train.add_argument("--data", help="COCO-layout folder (annotations/instances_{train,val}.json, train/, val/)")
-    train.add_argument("--device", help="cuda, cpu or mps (default: the best available)")
+    train.add_argument(
+        "--data", help="COCO-layout folder: annotations/instances_{train,val}.json with train/, val/, or COCO 2017 as it "
+        "unpacks (instances_train2017.json, train2017/, ...)"
+    )
+    train.add_argument("--train-split", help="the training split's name (default train; train2017 is found by itself)")
+    train.add_argument("--val-split", help="the validation split's name (default val)")
+    train.add_argument("--device", type=_device, help="cuda, cpu or mps (default: the best available)")
     train.add_argument("--out", help="run folder (default runs/shapes)")
     train.add_argument("--seed", type=int)
     train.add_argument(
@@ -190,13 +283,17 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--val-every", type=int, help="validate every N epochs as well as after the last (0: last only)")
     train.add_argument("--dcn", action=argparse.BooleanOptionalAction, default=None, help="DCNv2 upsampling")
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
-    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt, where a killed run left off")
+    train.add_argument(
+        "--save-every-minutes", type=_positive(float),
+        help="write OUT/last.pt this often in the middle of an epoch too (default 2), so a killed run loses at most that",
+    )
     train.set_defaults(func=_train)
 
     for name, func, text in (("evaluate", _evaluate, "COCO AP of a checkpoint"), ("predict", _predict, "detect objects in images")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt")
-        p.add_argument("--device")
+        p.add_argument("--device", type=_device)
         p.add_argument(
             "--input-size", type=int, help="fixed square input (default: as the checkpoint's run validated, else original resolution)"
         )
@@ -233,18 +330,44 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("num_train", "num_val", "num_test", "image_size", "seed"):
         shapes.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(ShapesConfig, name))
     shapes.set_defaults(func=_data)
+    voc = data_sub.add_parser("voc", help="convert Pascal VOC XML to the COCO layout that --data reads")
+    voc.add_argument("--voc-root", required=True, help="a VOC year folder (VOC2007) or the VOCdevkit holding one")
+    voc.add_argument("--out", required=True, help="folder for annotations/instances_{split}.json and {split}/")
+    voc.add_argument("--splits", nargs="+", default=["train", "val"], help="lists in ImageSets/Main (default: train val)")
+    voc.set_defaults(func=_data_voc)
+
+    show = sub.add_parser(
+        "show-targets", help="draw one augmented training sample with its ground-truth heatmaps (a PNG)"
+    )
+    show.add_argument("--data", help="COCO-layout folder (default: shapes)")
+    show.add_argument("--split", default="train", help="split to read (default train)")
+    show.add_argument("--index", type=_positive(int, allow_zero=True), default=0, help="image index in the split")
+    show.add_argument("--task", choices=TASKS, help="centernet (default) or cornernet targets")
+    show.add_argument("--input-size", type=_positive(int), help="network input side (default: the CPU preset's, 128)")
+    show.add_argument("--random-crop", action=argparse.BooleanOptionalAction, default=True, help="the reference's random scale and crop")
+    show.add_argument("--color-aug", action=argparse.BooleanOptionalAction, default=True, help="colour jitter and PCA lighting")
+    show.add_argument("--seed", type=int, default=0, help="seed of the augmentation draws")
+    show.add_argument("--out", default="targets.png", help="PNG to write (default targets.png)")
+    show.set_defaults(func=_show_targets)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``minicenternet`` console script."""
-    from .models import CORNERNET_ARCHS
-
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     parser = _parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "task", None) == "cornernet" and args.arch not in (None, *CORNERNET_ARCHS):
-        parser.error(f"--task cornernet needs an Hourglass backbone ({', '.join(CORNERNET_ARCHS)}), not {args.arch}")
-    args.func(args)
+    args = parser.parse_args([word for word in argv if word != "--debug"])
+    try:
+        args.func(args)
+    except UsageError as err:
+        if debug:
+            raise
+        parser.error(str(err))
+    except (OSError, ValueError, RuntimeError) as err:  # missing or bad files, bad data: one line, no traceback
+        if debug:
+            raise
+        parser.exit(1, f"minicenternet: error: {err}\n")
 
 
 if __name__ == "__main__":

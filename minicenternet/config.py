@@ -24,7 +24,9 @@ class TrainConfig:
 
     ``data=None`` trains on the embedded shapes dataset (generated on first use). Any other value
     is a COCO-layout folder with ``annotations/instances_{train,val}.json`` and ``train/``,
-    ``val/`` image folders.
+    ``val/`` image folders, or COCO 2017 as it unpacks (``instances_train2017.json``,
+    ``train2017/``, ...; see :func:`~minicenternet.data.coco.find_split`); ``train_split`` and
+    ``val_split`` name other splits.
 
     ``epochs`` may be fractional (the last epoch stops part-way). ``epochs=None`` plans them,
     with the trunk pre-training steps, so that the whole run, data drawing and final evaluation
@@ -39,6 +41,14 @@ class TrainConfig:
     reference's other branch (the whole image shifted and scaled by clipped Gaussians, see
     :func:`~minicenternet.data.transforms.jitter_crop_params`), and neither keeps the whole image
     still (the CPU preset: in so short a run augmentation costs more than it gives).
+
+    ``color_aug`` adds the reference's colour jitter and PCA lighting noise
+    (:func:`~minicenternet.data.transforms.augment_colour`) after the crop and flip; on in the
+    paper setting, off in the CPU preset.
+
+    ``save_every_minutes``: besides the end of every epoch, ``last.pt`` is written this often in
+    the middle of one (with the optimiser, schedule, generator states and position in the epoch),
+    so a killed run resumed with ``--resume`` loses at most that much.
 
     ``grad_clip`` is a maximum gradient norm, or ``None``: the official code clips nothing.
 
@@ -61,6 +71,8 @@ class TrainConfig:
     arch: str = "resnet18"
     task: str = "centernet"
     data: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
     out: str = "runs/shapes"
     input_size: int = 512
     epochs: float | None = 140
@@ -79,6 +91,7 @@ class TrainConfig:
     num_workers: int = 4
     random_crop: bool = True
     jitter: bool = False
+    color_aug: bool = True
     scale_range: tuple[float, float] = (0.6, 1.4)
     flip_prob: float = 0.5
     max_objects: int = 128
@@ -91,6 +104,7 @@ class TrainConfig:
     eval_limit: int | None = None
     device: str | None = None
     seed: int = 0
+    save_every_minutes: float = 2.0
 
 
 def default_config(device: torch.device | str | None = None, **overrides) -> TrainConfig:
@@ -108,29 +122,30 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
       standing in for the paper's ImageNet start), batch 16, Adam 5e-4 (fused kernel) after a
       100-step warm-up with 10x drops at 85 % and 95 % of the run (later than the paper's
       fractions: the classes are still being learnt at the full rate), flips but no random
-      crops, bf16 only where the CPU has it natively, images decoded once into memory, no
+      crops or colour augmentation, bf16 only where the CPU has it natively, images decoded once into memory, no
       loader worker processes (they would compete with the compute threads). Validation once,
       after the last epoch, with the reference's test-time augmentation: the flip test and
       three of its five test scales (0.75, 1, 1.25) merged by soft-NMS, without the reference's
       extra padding (``eval_pad="minimal"``: the model never saw that black frame in training).
       The measurements behind each choice are in benchmarks/README.md.
 
-    ``task="cornernet"`` without an ``arch`` picks CornerNet's backbone: on CUDA the paper's
-    setting (:data:`PRESETS` ``"cornernet-hourglass104-coco"``), elsewhere the CPU setting above
-    on ``"hourglass-small"`` (the same network at lesson size).
+    ``task="cornernet"``: on CUDA the paper's setting (:data:`PRESETS`
+    ``"cornernet-hourglass104-coco"``; an ``arch`` given replaces its Hourglass-104), elsewhere
+    the CPU setting above, on ``"hourglass-small"`` (the same network at lesson size) unless an
+    ``arch`` is given.
     """
     device = torch.device(device) if device is not None else default_device()
-    if overrides.get("task") == "cornernet" and "arch" not in overrides:
+    if overrides.get("task") == "cornernet":
         if device.type == "cuda":
             return preset_config("cornernet-hourglass104-coco", device, **overrides)
-        overrides = {**overrides, "arch": "hourglass-small"}
+        overrides = {"arch": "hourglass-small", **overrides}
     if device.type == "cuda":
         cfg = TrainConfig(pretrained=True, device=str(device))
     else:
         cfg = TrainConfig(
             input_size=128, epochs=None, batch_size=16, lr=5e-4, warmup_iters=100, dcn=False, up_init="identity",
             pretrain_steps=None, lr_drops=(0.85, 0.95), num_workers=0, cache_images=True,
-            random_crop=False, val_every=0, eval_flip=True, eval_scales=(0.75, 1.0, 1.25), eval_pad="minimal",
+            random_crop=False, color_aug=False, val_every=0, eval_flip=True, eval_scales=(0.75, 1.0, 1.25), eval_pad="minimal",
             device=str(device),
         )
     return replace(cfg, **overrides)
@@ -141,7 +156,8 @@ class Preset:
     """One backbone's COCO training setting in "Objects as Points" (Sec. 5, Implementation
     details; CornerNet Sec. 4.1 for ``task="cornernet"``): 512x512 input, Adam, ``batch_size`` and
     ``lr`` together (a different batch size scales the lr linearly), ``epochs`` with 10x lr drops
-    at the epochs in ``drops``."""
+    at the epochs in ``drops``. CornerNet's presets validate with the flip test, which its
+    official test always runs; CenterNet's with the paper's plain single-scale test."""
 
     arch: str
     batch_size: int
@@ -157,7 +173,7 @@ class Preset:
         given too; other ``overrides`` win over the preset."""
         batch = batch_size or self.batch_size
         cfg = TrainConfig(
-            arch=self.arch, task=self.task, input_size=512, batch_size=batch, lr=self.lr * batch / self.batch_size,
+            arch=self.arch, task=self.task, input_size=512, eval_flip=self.task == "cornernet", batch_size=batch, lr=self.lr * batch / self.batch_size,
             epochs=self.epochs, lr_drops=tuple(d / self.epochs for d in self.drops), pretrained=self.pretrained,
             device=device,
         )
@@ -186,7 +202,8 @@ PRESETS = {
     "cornernet-hourglass104-coco": Preset(
         "hourglass104", 49, 2.5e-4, 207, (186,), False,
         "CornerNet: batch 49 on 10 GPUs, 500k iterations with a drop at 450k (207 and 186 epochs of COCO's "
-        "118k training images), 511x511 input (here 512), from scratch",
+        "118k training images), 511x511 input (here 512), from scratch; CornerNet's own crop (scale 0.6-1.3) "
+        "and colour jitter are not reproduced",
         task="cornernet",
     ),
 }
@@ -201,15 +218,16 @@ def preset_config(name: str, device: torch.device | str | None = None, **overrid
     return PRESETS[name].config(str(device), **overrides)
 
 
-_CLI_FLAGS = ("arch", "task", "data", "out", "input_size", "batch_size", "lr", "seed", "val_every", "dcn")
+_CLI_FLAGS = ("arch", "task", "data", "train_split", "val_split", "out", "input_size", "batch_size", "lr", "seed", "val_every", "dcn")
 _LENGTH_AND_DEVICE = ("epochs", "pretrain_steps", "budget_minutes", "amp", "device", "pretrained")
+_NO_EFFECT = ("save_every_minutes",)  # when last.pt is written does not change the run
 
 
 def config_only_settings(cfg: TrainConfig) -> list[str]:
     """``name=value`` of the settings that differ from the device's preset and that the command
     line cannot set (so :func:`command_line` cannot repeat them)."""
     preset = default_config(cfg.device)
-    skip = set(_CLI_FLAGS) | set(_LENGTH_AND_DEVICE)
+    skip = set(_CLI_FLAGS) | set(_LENGTH_AND_DEVICE) | set(_NO_EFFECT)
     return [
         f"{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg)
         if f.name not in skip and getattr(cfg, f.name) != getattr(preset, f.name)

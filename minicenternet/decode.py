@@ -218,9 +218,14 @@ def merge_flip(outputs: dict[str, Tensor], clamp: bool = True) -> tuple[Tensor, 
 
 def mirror_boxes(boxes: Tensor, width: int) -> Tensor:
     """Boxes of a mirrored image back in the original's coordinates: ``(x1, y1, x2, y2) ->
-    (W - x2, y1, W - x1, y2)`` for ``(..., 4)`` boxes on a map ``width`` pixels wide (pixel ``i``
-    spans ``[i, i + 1)``, so the mirror of ``x`` is ``W - x``), as the official CornerNet test
-    maps the detections of its flipped half."""
+    (W - x2, y1, W - x1, y2)`` for ``(..., 4)`` boxes on a map ``width`` pixels wide, the
+    official CornerNet test's mapping of its flipped half (``out_width - x``).
+
+    ``W - x`` is the exact mirror when pixel ``i`` spans ``[i, i + 1)``. This library's warp puts
+    pixel centres at integer coordinates (OpenCV's convention), where mirroring the input image
+    maps ``x`` to ``W - 1/4 - x`` on a stride-4 map: the official mapping places the mirror's
+    boxes a quarter of an output pixel (one input pixel) to the right. Kept as the official code
+    does; lesson 06 measures the same question for CenterNet's flip test."""
     x1, y1, x2, y2 = boxes.unbind(-1)
     return torch.stack([width - x2, y1, width - x1, y2], dim=-1)
 

@@ -82,6 +82,8 @@ def evaluate(
     """Predict every image of ``dataset`` (or the first ``limit``) and compute COCO AP
     (class-agnostic COCOeval when ``detector.class_agnostic``); ``decimals``: see
     :func:`coco_detections`."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 image (or None: all of them), got {limit}")
     count = len(dataset) if limit is None else min(limit, len(dataset))
     detections: list[dict] = []
     for index in tqdm(range(count), desc="evaluate", disable=not progress, leave=False):
@@ -110,18 +112,22 @@ class Report:
         split: ``"test"`` or ``"val"``.
         epoch: the epoch of the model measured.
         checkpoint: ``"best.pt"`` or ``"last.pt"``, in the run folder.
+        limit: the run's ``eval_limit``: only the first ``limit`` images of the split were
+            evaluated (``None``: all of them).
     """
 
     metrics: dict[str, float]
     split: str
     epoch: int
     checkpoint: str
+    limit: int | None = None
 
     def describe(self) -> str:
+        images = "" if self.limit is None else f" (its first {self.limit} images)"
         if self.split == "test":
-            return f"COCO box AP on the test split of {self.checkpoint} (epoch {self.epoch}, chosen by its val AP):"
+            return f"COCO box AP on the test split{images} of {self.checkpoint} (epoch {self.epoch}, chosen by its val AP):"
         return (
-            f"COCO box AP on the val split of the last epoch ({self.epoch}), as the reference reports it "
+            f"COCO box AP on the val split{images} of the last epoch ({self.epoch}), as the reference reports it "
             f"(no test split; best.pt was chosen on these same images):"
         )
 
@@ -132,8 +138,8 @@ def run_report(out: str | Path, last: dict, test_src: CocoDetection | None, devi
     ``test_src`` (its first ``limit`` images; with the test settings the run validated with), or,
     without a test split, the val metrics of ``last``, the record of the run's last epoch."""
     if test_src is None:
-        return Report({k: last[k] for k in METRIC_NAMES}, "val", last["epoch"], "last.pt")
+        return Report({k: last[k] for k in METRIC_NAMES}, "val", last["epoch"], "last.pt", limit)
     best = Path(out) / "best.pt"
     detector = Detector.from_checkpoint(best, device=device, channels_last=channels_last)
     epoch = load_checkpoint(best)["metrics"]["epoch"]
-    return Report(evaluate(detector, test_src, limit, progress), "test", epoch, "best.pt")
+    return Report(evaluate(detector, test_src, limit, progress), "test", epoch, "best.pt", limit)

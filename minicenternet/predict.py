@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_run_checkpoint
 from .data.coco import read_image
 from .data.transforms import affine_matrix, normalize_batch, warp_image
 from .device import AmpSetting, autocast, default_device
@@ -81,8 +81,9 @@ class Detector:
         device: where the network runs (default: :func:`default_device`).
         class_names: names of the contiguous labels, kept for drawing.
         pad_variant: see :func:`minicenternet.decode.padded_size`. (The official CornerNet test
-            pads to ``size | 127``, 383 for 256, one pixel short of the Hourglass multiple; we
-            pad both tasks as CenterNet's Hourglass does, 384.)
+            pads to ``size | 127``, 383 for 256, one pixel short of the Hourglass multiple, and
+            maps boxes back by ``383 / 96`` instead of 4, at most one pixel apart; we pad both
+            tasks as CenterNet's Hourglass does, 384.)
         amp: mixed precision, ``True``, ``False`` (the default: results that do not depend on
             the CPU) or ``"auto"`` (see :func:`minicenternet.device.resolve_amp`: on a CPU only
             where bf16 is native and faster; what training runs store for their checkpoints).
@@ -135,7 +136,7 @@ class Detector:
         validated with), so the detector reproduces the run's AP; checkpoints without one get
         the class defaults.
         """
-        checkpoint = load_checkpoint(path, map_location="cpu")
+        checkpoint = load_run_checkpoint(path, map_location="cpu")
         meta = checkpoint["model_config"]
         model = build_model(meta["arch"], meta.get("task", "centernet"), num_classes=meta["num_classes"], dcn=meta["dcn"])
         model.load_state_dict(checkpoint["model"])

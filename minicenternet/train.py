@@ -38,10 +38,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .budget import Costs, Plan, mean_seconds, plan_run, untouched_rng
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_same_model, load_run_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .config import PRETRAIN_STEPS, TrainConfig, command_line, config_only_settings, default_config
 from .data.centernet_dataset import CenterNetDataset
-from .data.coco import CocoDetection
+from .data.sampler import EpochSampler
+from .data.coco import CocoDetection, find_split
 from .data.shapes import ensure_shapes
 from .data.transforms import normalize_batch
 from .device import AmpChoice, autocast, default_device, fused_adam, resolve_amp
@@ -56,6 +57,7 @@ from .viz import save_training_curves
 __all__ = ["TrainConfig", "default_config", "train", "Report", "lr_factor", "command_line", "PRETRAIN_STEPS"]
 
 COCOEVAL_SECONDS_PER_IMAGE = 0.01  # COCOeval's share of a validation, added to the measured detector time
+MAX_NONFINITE_IN_A_ROW = 3  # batches with a non-finite loss in a row before a run stops
 
 
 def lr_factor(iteration: int, total_iters: int, warmup_iters: int, drops: tuple[float, ...]) -> float:
@@ -72,22 +74,25 @@ def _worker_init(worker_id: int) -> None:
 
 
 def _datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection, CocoDetection | None]:
-    """Train, val and, where the folder has ``annotations/instances_test.json``, test."""
+    """``cfg.train_split``, ``cfg.val_split`` and, where the folder has one with annotations, the
+    test split (:func:`~minicenternet.data.coco.find_split`: our layout or COCO 2017's)."""
     root = ensure_shapes() if cfg.data is None else Path(cfg.data)
-    has_test = (root / "annotations" / "instances_test.json").is_file()
-    return (
-        CocoDetection.from_root(root, "train"), CocoDetection.from_root(root, "val"),
-        CocoDetection.from_root(root, "test") if has_test else None,
-    )
+    try:
+        find_split(root, "test")
+        test = CocoDetection.from_root(root, "test")
+    except FileNotFoundError:  # COCO 2017 ships its test images without annotations
+        test = None
+    return CocoDetection.from_root(root, cfg.train_split), CocoDetection.from_root(root, cfg.val_split), test
 
 
 def _loader(cfg: TrainConfig, source: CocoDetection, device: torch.device, persistent: bool = True) -> DataLoader:
     dataset = CenterNetDataset(
         source, (cfg.input_size, cfg.input_size), True, cfg.max_objects, cfg.scale_range, cfg.flip_prob,
-        cfg.random_crop, cfg.jitter, cfg.task,
+        cfg.random_crop, cfg.jitter, cfg.task, cfg.color_aug,
     )
     return DataLoader(
-        dataset, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, drop_last=len(dataset) >= cfg.batch_size,
+        dataset, cfg.batch_size, sampler=EpochSampler(len(dataset), cfg.seed), num_workers=cfg.num_workers,
+        drop_last=len(dataset) >= cfg.batch_size,
         pin_memory=device.type == "cuda", persistent_workers=persistent and cfg.num_workers > 0, worker_init_fn=_worker_init,
     )
 
@@ -236,6 +241,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
         progress: show tqdm bars.
     """
     started = time.perf_counter()
+    if cfg.eval_limit is not None and cfg.eval_limit < 1:
+        raise ValueError(f"eval_limit must be at least 1 image (or None: all of them), got {cfg.eval_limit}")
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device) if cfg.device else default_device()
     cfg = replace(cfg, device=str(device))
@@ -247,7 +254,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
     if cfg.cache_images:
         train_src.preload()
     loader = _loader(cfg, train_src, device)
-    state = load_checkpoint(out / "last.pt") if resume and (out / "last.pt").is_file() else None
+    state = load_run_checkpoint(out / "last.pt") if resume and (out / "last.pt").is_file() else None
+    if state is not None:  # a clear error, not a state_dict traceback, when the run asks for another model
+        check_same_model(state["model_config"], _model_config(cfg, train_src), out / "last.pt")
     test_config = {
         "input_size": cfg.eval_input_size, "flip": cfg.eval_flip, "scales": tuple(cfg.eval_scales),
         "pad_variant": cfg.eval_pad, "amp": cfg.amp,
@@ -269,32 +278,71 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
         optimizer, lambda it: lr_factor(it, total_iters, cfg.warmup_iters, cfg.lr_drops)
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp.dtype == torch.float16)
-    start_epoch, best_ap, history = 0, None, []
+    start_epoch, start_step, best_ap, history, partial = 0, 0, None, [], ({}, 0)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, best_ap, history = state["epoch"], state["best_ap"], state["history"]
-    num_epochs = math.ceil(total_iters / len(loader))
+        start_step = state.get("step_in_epoch", 0)  # checkpoints of older runs end their epochs
+        partial = (state.get("partial_sums", {}), state.get("partial_steps", 0))
+        print(f"resuming {out / 'last.pt'}: epoch {start_epoch + 1}, step {start_step} of it, "
+              f"{scheduler.last_epoch} steps done, lr {optimizer.param_groups[0]['lr']:.4g}", flush=True)
+    steps_per_epoch = len(loader)
+    num_epochs = math.ceil(total_iters / steps_per_epoch)
     checkpoint = {"model_config": _model_config(cfg, train_src), "test_config": test_config}
+
+    def save_state(epoch: int, step_in_epoch: int, sums: dict[str, float], steps: int) -> None:
+        """``last.pt``: everything a resumed run needs to go on exactly from here."""
+        save_checkpoint(
+            {
+                **checkpoint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                "step_in_epoch": step_in_epoch, "partial_sums": sums, "partial_steps": steps, "best_ap": best_ap,
+                "history": history, "rng": rng_state(), "train_config": asdict(cfg),
+            },
+            out / "last.pt",
+        )
+
+    last_save, nonfinite = time.perf_counter(), []
     for epoch in range(start_epoch, num_epochs):
         model.train()
-        sums: dict[str, float] = {}
-        steps = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{num_epochs}", disable=not progress, leave=False)
-        for images, targets in bar:
+        skip = start_step if epoch == start_epoch else 0
+        sums, steps = (dict(partial[0]), partial[1]) if epoch == start_epoch else ({}, 0)
+        loader.sampler.set_epoch(epoch, skip * cfg.batch_size)
+        resumed_here = state is not None and epoch == start_epoch and "rng" in state
+        if resumed_here and skip == 0:  # the generators as the killed run had them when it created this iterator
+            restore_rng_state(state["rng"])
+        batches = iter(loader)
+        if resumed_here and skip > 0:  # ... or when it drew the next sample, after its iterator's own draw
+            restore_rng_state(state["rng"])
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{num_epochs}", total=steps_per_epoch, initial=skip,
+                   disable=not progress, leave=False)
+        for step_in_epoch, (images, targets) in enumerate(bar, start=skip + 1):
             if scheduler.last_epoch >= total_iters:  # a fractional last epoch ends here
                 break
+            image_ids = targets.pop("image_id").tolist()
             losses = _step(model, optimizer, scaler, images, targets, cfg, amp.enabled)
             scheduler.step()
             if losses is None:
-                warnings.warn(f"epoch {epoch + 1}: non-finite loss, batch skipped", stacklevel=1)
+                nonfinite.append(image_ids)
+                warnings.warn(f"epoch {epoch + 1}: non-finite loss on the batch of image ids {image_ids}, skipped",
+                              stacklevel=1)
+                if len(nonfinite) >= MAX_NONFINITE_IN_A_ROW:
+                    raise RuntimeError(
+                        f"{len(nonfinite)} batches in a row with a non-finite loss (image ids {nonfinite}); stopping. "
+                        f"{out / 'last.pt'} holds the last state saved before them"
+                    )
                 continue
+            nonfinite.clear()
             steps += 1
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().item()
             bar.set_postfix({k.replace("_loss", ""): f"{v / steps:.3f}" for k, v in sums.items()})
+            if time.perf_counter() - last_save >= 60 * cfg.save_every_minutes and step_in_epoch < steps_per_epoch:
+                save_state(epoch, step_in_epoch, sums, steps)
+                last_save = time.perf_counter()
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "minutes": (time.perf_counter() - started) / 60}
         record.update({k: v / max(1, steps) for k, v in sums.items()})
         checkpoint["model"] = model.state_dict()
@@ -305,14 +353,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
             log.write(json.dumps(_json_safe(record)) + "\n")
         save_training_curves(history, out / "curves.png")
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
-        save_checkpoint(
-            {
-                **checkpoint, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch + 1, "best_ap": best_ap, "history": history,
-                "train_config": asdict(cfg),
-            },
-            out / "last.pt",
-        )
+        if nonfinite:  # the forward passes of the skipped batches may have left non-finite BN statistics
+            warnings.warn(f"epoch {epoch + 1} ended on skipped batches: {out / 'last.pt'} not updated", stacklevel=1)
+        else:
+            save_state(epoch + 1, 0, {}, 0)
+            last_save = time.perf_counter()
     report = run_report(out, history[-1], test_src, device, cfg.channels_last, progress, cfg.eval_limit)
     (out / "report.json").write_text(json.dumps({**asdict(report), "metrics": _json_safe(report.metrics)}, indent=1))
     return report

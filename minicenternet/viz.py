@@ -1,7 +1,8 @@
 """Small matplotlib helpers: heatmaps, boxes and curves for the lessons, detections for the CLI.
 
 The plotting functions draw on a given ``Axes`` and return what they drew, so a notebook keeps
-control of the figure layout; :func:`render_detections` draws off-screen into an array.
+control of the figure layout; :func:`render_detections` and :func:`render_targets` draw off-screen
+into an array.
 Coordinates follow the library (``ARCHITECTURE.md``): points ``(x, y)``, boxes ``xyxy``, maps
 ``(H, W)``; pixel ``(i, j)`` covers ``[j, j + 1) x [i, i + 1)``, as in COCO.
 """
@@ -20,7 +21,10 @@ from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-__all__ = ["class_colour", "show_heatmap", "draw_boxes", "plot_curves", "render_detections", "save_training_curves"]
+__all__ = [
+    "class_colour", "show_heatmap", "draw_boxes", "plot_curves", "render_detections", "render_targets",
+    "save_training_curves",
+]
 
 
 def class_colour(label: int) -> tuple[float, float, float, float]:
@@ -187,6 +191,87 @@ def render_detections(
                class_names=class_names, linewidth=1.0)
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _numpy(array) -> np.ndarray:
+    """A numpy array from an array or a tensor on any device."""
+    return array.detach().cpu().numpy() if hasattr(array, "detach") else np.asarray(array)
+
+
+_HEATMAP_KEYS = {"centernet": ("hm",), "cornernet": ("tl_hm", "br_hm")}  # the targets' heatmaps, by task
+
+
+def _target_boxes(targets: Mapping[str, np.ndarray], task: str) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes ``(N, 4)`` ``xyxy`` in output-map pixels and labels ``(N,)`` of the objects a sample's
+    targets encode (the inverse of :func:`minicenternet.targets.encode_centernet` or
+    ``encode_cornernet``): a point is its map index ``y W + x`` plus its offset; a CenterNet box
+    spans the point +- half its size. The label is the class whose heatmap peaks (value 1) at the
+    centre (CenterNet) or top-left corner (CornerNet)."""
+    keep = _numpy(targets["mask"]) > 0
+    heatmap = _numpy(targets[_HEATMAP_KEYS[task][0]])  # (C, H, W)
+
+    def points(index_key: str, offset_key: str) -> np.ndarray:  # (N, 2) (x, y)
+        ys, xs = np.divmod(_numpy(targets[index_key])[keep], heatmap.shape[-1])
+        return np.stack([xs, ys], axis=1) + _numpy(targets[offset_key])[keep]
+
+    if task == "centernet":
+        first, half = points("ind", "reg"), _numpy(targets["wh"])[keep] / 2
+        boxes = np.concatenate([first - half, first + half], axis=1)
+    else:
+        first = points("tl_ind", "tl_off")
+        boxes = np.concatenate([first, points("br_ind", "br_off")], axis=1)
+    xs, ys = first.astype(np.int64).T  # the peak pixel (offsets are in [0, 1))
+    return boxes.astype(np.float64), heatmap[:, ys, xs].argmax(axis=0)
+
+
+def render_targets(
+    image: np.ndarray,
+    targets: Mapping[str, np.ndarray],
+    class_names: Sequence[str] | None = None,
+    task: str = "centernet",
+) -> np.ndarray:
+    """Draw one training sample as the network is asked to see it: the image with the boxes decoded
+    back from its targets, then each ground-truth heatmap (max over classes) over the image.
+
+    For the ``show-targets`` command: a box or a peak out of place shows an encoding or augmentation
+    error. Renders off-screen (the Agg canvas, as :func:`render_detections`).
+
+    Args:
+        image: the sample's image, ``(H, W, 3)`` or ``(3, H, W)`` uint8 RGB (a ``(3, H, W)`` array
+            is recognised by its first axis being 3 and its last not); a tensor is accepted.
+        targets: the sample's targets (numpy arrays or tensors) at the output stride, as made by
+            ``encode_centernet`` (``hm``, ``wh``, ``reg``, ``ind``, ``mask``) or ``encode_cornernet``.
+        class_names: names indexed by label for the box captions (default: the label number).
+        task: ``"centernet"`` (one heatmap panel, ``hm``) or ``"cornernet"`` (``tl_hm``, ``br_hm``).
+
+    Returns:
+        ``(H, P W, 3)`` uint8 RGB with ``P = 2`` panels for CenterNet and 3 for CornerNet, side by
+        side: the boxes, then the heatmaps stretched over the image (the stride is ``W / W_map``).
+    """
+    if task not in _HEATMAP_KEYS:
+        raise ValueError(f"unknown task {task!r}; choose from {tuple(_HEATMAP_KEYS)}")
+    image = _numpy(image)
+    if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+        image = image.transpose(1, 2, 0)
+    height, width = image.shape[:2]
+    boxes, labels = _target_boxes(targets, task)
+    map_h, map_w = _numpy(targets[_HEATMAP_KEYS[task][0]]).shape[-2:]
+    boxes *= np.array([width / map_w, height / map_h] * 2)
+    panels, dpi = 1 + len(_HEATMAP_KEYS[task]), 100
+    fig = Figure(figsize=(panels * width / dpi, height / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1 / panels, 1))
+    ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest")
+    draw_boxes(ax, boxes, labels=labels, class_names=class_names, linewidth=1.0)
+    ax.set(xlim=(0, width), ylim=(height, 0))
+    ax.set_axis_off()
+    for panel, key in enumerate(_HEATMAP_KEYS[task], start=1):
+        ax = fig.add_axes((panel / panels, 0, 1 / panels, 1))
+        show_heatmap(ax, _numpy(targets[key]), image=image)
+        ax.text(1, 1, key, color="white", fontsize=7, va="top")
+        ax.set_axis_off()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 

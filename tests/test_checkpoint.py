@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from minicenternet.checkpoint import load_checkpoint, save_checkpoint
+from minicenternet.checkpoint import check_same_model, load_checkpoint, load_run_checkpoint, save_checkpoint
 
 
 def _state() -> dict:
@@ -91,3 +91,33 @@ def test_not_a_checkpoint(tmp_path):
         pickle.dump(collections.Counter(a=1), handle, protocol=2)
     with pytest.raises(ValueError, match="pickled.pt"):
         load_checkpoint(pickled)
+
+
+def test_check_same_model_names_every_difference():
+    stored = {"arch": "resnet18", "num_classes": 5, "dcn": False, "class_names": ["a"]}  # no "task": an old checkpoint
+    check_same_model(stored, {"arch": "resnet18", "task": "centernet", "num_classes": 5, "dcn": False}, "old.pt")
+    with pytest.raises(ValueError) as info:
+        check_same_model(stored, {"arch": "hourglass-small", "task": "cornernet", "num_classes": 80, "dcn": False}, "x.pt")
+    message = str(info.value)
+    assert message.startswith("x.pt: the checkpoint holds a different model")
+    for part in ("arch 'resnet18' in the checkpoint, 'hourglass-small' here", "task 'centernet' in the checkpoint, "
+                 "'cornernet' here", "num_classes 5 in the checkpoint, 80 here"):
+        assert part in message
+    assert "dcn" not in message
+
+
+def test_resuming_with_another_model_is_a_clear_error(tiny_shapes, tmp_path):
+    from minicenternet.train import TrainConfig, train
+
+    cfg = TrainConfig(data=str(tiny_shapes), out=str(tmp_path / "run"), input_size=64, epochs=1, batch_size=4,
+                      num_workers=0, val_every=0, dcn=False, amp=False, device="cpu")
+    train(cfg, progress=False)
+    other = TrainConfig(**{**cfg.__dict__, "arch": "dla-small", "epochs": 2})
+    with pytest.raises(ValueError, match=r"last.pt: the checkpoint holds a different model: arch 'resnet18'"):
+        train(other, resume=True, progress=False)
+
+
+def test_a_readable_file_without_a_model_is_not_a_run_checkpoint(tmp_path):
+    path = save_checkpoint({"w": torch.zeros(2)}, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match="not a minicenternet training checkpoint"):
+        load_run_checkpoint(path)

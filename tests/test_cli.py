@@ -10,9 +10,11 @@ import shutil
 
 import cv2
 import pytest
+import torch
 
 from minicenternet.checkpoint import load_checkpoint
 from minicenternet.cli import main
+from minicenternet.config import command_line
 from minicenternet.data.coco import CocoDetection
 from minicenternet.data.shapes import CLASSES
 from minicenternet.evaluate import METRIC_NAMES, evaluate
@@ -227,3 +229,73 @@ def test_bad_arguments_exit():
             main(argv)
         assert exit_info.value.code == 2, argv
         assert "minicenternet" in stderr.getvalue() and "error:" in stderr.getvalue(), argv
+
+
+def _fails(argv: list[str], code: int) -> str:
+    """Run the CLI expecting exit status ``code``; return stderr, checked to be one error line."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == code, (argv, stderr.getvalue())
+    lines = stderr.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minicenternet: error: "), lines
+    return lines[0]
+
+
+def test_bad_command_lines_fail_before_any_data(monkeypatch):
+    """One line, exit status 2, and train() never called: no data drawn or loaded."""
+    import minicenternet.train as train_module
+
+    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: pytest.fail("train() ran"))
+    assert "multiple of 32" in _fails(["train", "--input-size", "100"], 2)
+    assert "hourglass104 needs a multiple of 128" in _fails(["train", "--arch", "hourglass104", "--input-size", "96"], 2)
+    assert "invalid choice: 'resnet50'" in _fails(["train", "--arch", "resnet50"], 2)
+    assert "--batch-size" in _fails(["train", "--batch-size", "0"], 2)
+    assert "--epochs" in _fails(["train", "--epochs", "-3"], 2)
+    assert "unknown device 'tpu'" in _fails(["train", "--device", "tpu"], 2)
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in _fails(["train", "--device", "cuda"], 2)
+        assert "no CUDA device" in _fails(["evaluate", "--checkpoint", "x.pt", "--device", "cuda"], 2)
+
+
+def test_a_foreign_or_truncated_checkpoint_is_one_line(tmp_path):
+    import argparse
+    import pickle
+
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"model": {"w": torch.zeros(100)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    foreign = tmp_path / "foreign.pt"
+    torch.save(argparse.Namespace(model=1), foreign)  # a PyTorch file holding a Python object
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"model": 1}, protocol=2))  # a plain pickle, not a PyTorch file
+    weights = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, weights)  # a readable file, but not a training checkpoint
+    for path, reason in ((truncated, "truncated"), (foreign, "weights_only"), (raw, "not a PyTorch file"),
+                         (weights, "no 'model'"), (tmp_path / "missing.pt", "not found")):
+        line = _fails(["evaluate", "--checkpoint", str(path), "--device", "cpu"], 1)
+        assert str(path) in line and reason in line, line
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        main(["evaluate", "--checkpoint", str(missing), "--device", "cpu", "--debug"])
+
+
+def test_show_targets_writes_a_picture(tiny_shapes, tmp_path):
+    for task, panels in (("centernet", 2), ("cornernet", 3)):
+        out = tmp_path / f"{task}.png"
+        text = _run(["show-targets", "--data", str(tiny_shapes), "--index", "2", "--task", task, "--input-size", "64",
+                     "--out", str(out)])
+        assert f"{task} targets" in text
+        picture = cv2.imread(str(out))
+        assert picture.shape[0] == 64 * 6 and picture.shape[1] == 64 * 6 * panels  # zoomed to 384 pixels high
+    assert "--index 99" in _fails(["show-targets", "--data", str(tiny_shapes), "--index", "99"], 2)
+    assert "multiple of 32" in _fails(["show-targets", "--data", str(tiny_shapes), "--input-size", "100"], 2)
+
+
+def test_splits_from_the_command_line(monkeypatch):
+    cfg = _config_of(monkeypatch, ["--train-split", "train2017", "--val-split", "val2017", "--epochs", "1"])
+    assert (cfg.train_split, cfg.val_split) == ("train2017", "val2017")
+    assert "--train-split train2017 --val-split val2017" in command_line(cfg, False)

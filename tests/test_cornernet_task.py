@@ -165,3 +165,57 @@ def test_cornernet_needs_an_hourglass_on_the_command_line(capsys):
         main(["train", "--task", "cornernet", "--arch", "resnet18"])
     assert exit_info.value.code == 2
     assert "--task cornernet needs an Hourglass backbone" in capsys.readouterr().err
+
+
+def test_class_agnostic_pairs_corners_of_any_classes():
+    """Top-left of class 1, bottom-right of class 2: the pair is rejected (what is left pairs a
+    real corner with a background pixel of the right class, scored (0.98 + 1e-4) / 2 < 0.5),
+    unless the heatmaps are merged over the classes."""
+    maps = _corner_maps((2.5, 3.25), (10.25, 12.5), 1, (5.0, 5.3))
+    maps["br_hm"] = _corner_maps((2.5, 3.25), (10.25, 12.5), 2, (5.0, 5.3))["br_hm"]
+    settings = {"device": "cpu", "pad_variant": "minimal", "channels_last": False}
+    assert Detector(FixedCornerNet(maps), **settings)(_image())[0]["scores"].max() < 0.5
+    pred = Detector(FixedCornerNet(maps), class_agnostic=True, **settings)(_image())[0]
+    assert pred["scores"][0].item() == pytest.approx(1 / (1 + math.exp(-4.0)), abs=1e-6)
+    assert pred["labels"].unique().tolist() == [0]
+    torch.testing.assert_close(pred["boxes"][0], torch.tensor([10.0, 13.0, 41.0, 50.0]))
+
+
+def test_reference_takes_the_plain_sigmoid():
+    """Logit 10: the clamped sigmoid gives 1 - 1e-4, the plain one (the official test) 0.9999546."""
+    maps = _corner_maps((2.5, 3.25), (10.25, 12.5), 1, (5.0, 5.3))
+    for corner in ("tl", "br"):
+        maps[f"{corner}_hm"][maps[f"{corner}_hm"] > 0] = 10.0
+    settings = {"device": "cpu", "pad_variant": "minimal", "channels_last": False}
+    clamped = Detector(FixedCornerNet(maps), **settings)(_image())[0]["scores"]
+    plain = Detector(FixedCornerNet(maps), reference=True, **settings)(_image())[0]["scores"]
+    assert clamped.tolist() == pytest.approx([1 - 1e-4]) and plain.tolist() == pytest.approx([1 / (1 + math.exp(-10))])
+
+
+def test_a_checkpoint_without_a_task_is_a_centernet(tmp_path):
+    from minicenternet.checkpoint import save_checkpoint
+    from minicenternet.models import build_model
+
+    model = build_model("resnet18", num_classes=3, dcn=False)
+    meta = {"arch": "resnet18", "num_classes": 3, "dcn": False, "class_names": ["a", "b", "c"]}  # before tasks existed
+    save_checkpoint({"model": model.state_dict(), "model_config": meta}, tmp_path / "old.pt")
+    assert Detector.from_checkpoint(tmp_path / "old.pt", device="cpu").task == "centernet"
+
+
+def test_cornernet_on_cuda_is_the_paper_preset_whatever_the_hourglass():
+    cfg = default_config("cuda", task="cornernet", arch="hourglass-small")
+    assert (cfg.arch, cfg.batch_size, cfg.lr, cfg.pretrained, cfg.eval_flip) == ("hourglass-small", 49, 2.5e-4, False, True)
+    assert default_config("cpu", task="cornernet", arch="hourglass104").arch == "hourglass104"
+
+
+def test_a_preset_of_the_wrong_backbone_for_cornernet_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--preset", "resnet18-coco", "--task", "cornernet", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "needs an Hourglass backbone" in capsys.readouterr().err
+
+
+def test_eval_limit_below_one_is_refused(tiny_shapes, tmp_path):
+    cfg = TrainConfig(data=str(tiny_shapes), out=str(tmp_path), input_size=64, epochs=1, eval_limit=0, device="cpu")
+    with pytest.raises(ValueError, match="eval_limit must be at least 1"):
+        train(cfg, progress=False)

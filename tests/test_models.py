@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from minicenternet.models import PAPER_ARCHS, SMALL_ARCHS, build_model
+from minicenternet.models import ARCHS, PAPER_ARCHS, SMALL_ARCHS, build_model, input_multiple
 from minicenternet.models.heads import HM_PRIOR_BIAS
 from minicenternet.models.layers import ModulatedDeformConv2d, fill_bilinear
 
@@ -347,3 +347,8 @@ def test_size_and_offset_heads_start_as_each_official_backbone(arch, weight_std_
             else:  # kaiming_uniform(a=sqrt(5)): uniform in +-1/sqrt(fan_in), std 1/sqrt(3 fan_in)
                 assert std == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.2)
             assert bool((conv.bias == 0).all()) is zero_bias
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_input_multiple_is_the_built_models_pad_multiple(arch):
+    assert input_multiple(arch) == build_model(arch, num_classes=2, dcn=False).pad_multiple

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -251,3 +252,21 @@ def test_the_small_backbones_train_and_report(tiny_shapes, tmp_path, arch):
     record = _read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert math.isfinite(record["loss"]) and record["loss"] > 0
     assert load_checkpoint(tmp_path / "run" / "best.pt")["model_config"]["arch"] == arch
+
+
+def test_the_loader_follows_the_config_and_a_2017_layout_is_found(tiny_shapes, tmp_path):
+    """COCO 2017 as it unpacks (train2017/, instances_train2017.json; no test annotations):
+    the splits are found and there is no test split; color_aug reaches the dataset."""
+    from minicenternet.train import _datasets, _loader
+
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        shutil.copytree(tiny_shapes / split, root / f"{split}2017")
+        shutil.copy(tiny_shapes / "annotations" / f"instances_{split}.json", root / "annotations" / f"instances_{split}2017.json")
+    cfg = TrainConfig(data=str(root), input_size=64, batch_size=4, num_workers=0, device="cpu", color_aug=False)
+    train_src, val_src, test_src = _datasets(cfg)
+    assert (len(train_src), len(val_src), test_src) == (8, 4, None)
+    assert train_src.image_dir == root / "train2017"
+    assert _loader(cfg, train_src, torch.device("cpu")).dataset.color_aug is False
+    assert _loader(replace(cfg, color_aug=True), train_src, torch.device("cpu")).dataset.color_aug is True

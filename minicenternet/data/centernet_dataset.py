@@ -2,7 +2,8 @@
 
 This is the reference ``ctdet`` loader: a random affine crop (scale x0.6 ... x1.3, centre drawn
 away from the borders) and a horizontal flip, the same affine map applied to the boxes at the
-output stride, then the task's encoder, :func:`minicenternet.targets.encode_centernet` or
+output stride, optionally the reference colour augmentation of the warped image, then the task's
+encoder, :func:`minicenternet.targets.encode_centernet` or
 :func:`~minicenternet.targets.encode_cornernet` (a flipped image is encoded after the flip, so
 its top-left corners are those of the mirrored boxes).
 """
@@ -18,7 +19,8 @@ from torch.utils.data import Dataset
 from ..targets import ENCODERS
 from .coco import CocoDetection, ImageReadError, Record
 from .transforms import (
-    affine_matrix, apply_affine_to_boxes, hflip_image_and_boxes, jitter_crop_params, random_crop_params, warp_image,
+    affine_matrix, apply_affine_to_boxes, augment_colour, hflip_image_and_boxes, jitter_crop_params, random_crop_params,
+    warp_image,
 )
 
 __all__ = ["CenterNetDataset", "OUTPUT_STRIDE"]
@@ -43,9 +45,14 @@ class CenterNetDataset(Dataset):
             and only flips.
         task: ``"centernet"`` or ``"cornernet"``: which encoder of
             :data:`minicenternet.targets.ENCODERS` makes the targets.
+        color_aug: in training, apply :func:`augment_colour` (the reference's colour jitter and PCA
+            lighting) to the warped image, as the reference does after its crop and flip. It draws
+            from the sample's own generator after the crop and flip draws, so the geometry of a
+            seed's sample is the same with or without it, and the targets are untouched.
 
     Each item is ``(image (3, H, W) uint8 RGB, targets)`` with ``targets`` the tensors of
-    :func:`encode_centernet` (or :func:`encode_cornernet`) at ``(H/4, W/4)``. An unreadable image is reported once and
+    :func:`encode_centernet` (or :func:`encode_cornernet`) at ``(H/4, W/4)`` and ``image_id``,
+    the image's id in the annotation file. An unreadable image is reported once and
     replaced by the next readable one, so one bad file never stops a long run.
     """
 
@@ -60,6 +67,7 @@ class CenterNetDataset(Dataset):
         random_crop: bool = True,
         jitter: bool = False,
         task: str = "centernet",
+        color_aug: bool = False,
     ) -> None:
         if input_size[0] % 32 or input_size[1] % 32:
             raise ValueError(f"input_size must be divisible by 32, got {input_size}")
@@ -68,7 +76,7 @@ class CenterNetDataset(Dataset):
         self.encode = ENCODERS[task]
         self.source, self.input_size, self.train = source, tuple(input_size), train
         self.max_objects, self.scale_range, self.flip_prob = max_objects, scale_range, flip_prob
-        self.random_crop, self.jitter = random_crop, jitter
+        self.random_crop, self.jitter, self.color_aug = random_crop, jitter, color_aug
         self.output_size = (input_size[0] // OUTPUT_STRIDE, input_size[1] // OUTPUT_STRIDE)
         self._reported: set[str] = set()
 
@@ -100,6 +108,10 @@ class CenterNetDataset(Dataset):
                 image, boxes = hflip_image_and_boxes(image, boxes)
                 center[0] = width - center[0] - 1
         warped = warp_image(image, affine_matrix(center, scale, self.input_size), self.input_size)
+        if self.train and self.color_aug:
+            warped = augment_colour(warped, rng)
         out_boxes = apply_affine_to_boxes(boxes, affine_matrix(center, scale, self.output_size))
         targets = self.encode(out_boxes, record.labels, self.source.num_classes, self.output_size, self.max_objects)
-        return torch.from_numpy(warped).permute(2, 0, 1).contiguous(), {k: torch.from_numpy(v) for k, v in targets.items()}
+        tensors = {k: torch.from_numpy(v) for k, v in targets.items()}
+        tensors["image_id"] = torch.tensor(record.image_id)  # to name the images of a batch that goes wrong
+        return torch.from_numpy(warped).permute(2, 0, 1).contiguous(), tensors

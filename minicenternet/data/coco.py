@@ -3,7 +3,8 @@
 Records come out in the library's conventions: RGB ``uint8`` images, ``xyxy`` boxes in pixels,
 contiguous class indices ``0..C-1`` (sorted by the file's category id). Bad input gets an error
 that names the file and the annotation, or, for boxes that only need clipping or dropping, one
-warning that counts them.
+warning that counts them. :func:`find_split` locates a split in a dataset folder, in our own
+layout or in the COCO 2017 one as it unpacks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import cv2
 import numpy as np
 from pycocotools.coco import COCO
 
-__all__ = ["ImageReadError", "CocoDetection", "Record", "read_image"]
+__all__ = ["ImageReadError", "CocoDetection", "Record", "find_split", "read_image"]
+
+YEAR_SUFFIX = "2017"  # the COCO release whose file names find_split also accepts
 
 
 class ImageReadError(OSError):
@@ -67,6 +70,35 @@ def read_image(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def find_split(root: str | Path, split: str) -> tuple[Path, Path]:
+    """``(annotation file, image folder)`` of ``split`` in the dataset folder ``root``.
+
+    Looks for, in this order:
+
+    1. ``root/annotations/instances_{split}.json`` and ``root/{split}/`` (our layout, as the shapes
+       dataset and the VOC converter write it);
+    2. ``root/annotations/instances_{split}2017.json`` and ``root/{split}2017/`` (COCO 2017 as
+       its zips unpack, so ``"train"`` and ``"val"`` work on it without renaming).
+
+    A split that already ends in ``2017`` (``"val2017"``) is looked for under its own name only.
+    The first pair whose file and folder both exist wins.
+
+    Raises:
+        FileNotFoundError: naming ``root`` and, for every pair looked for, what was missing.
+    """
+    root = Path(root)
+    names = [split] if split.endswith(YEAR_SUFFIX) else [split, split + YEAR_SUFFIX]
+    missing = []
+    for name in names:
+        ann_file, image_dir = root / "annotations" / f"instances_{name}.json", root / name
+        if ann_file.is_file() and image_dir.is_dir():
+            return ann_file, image_dir
+        wanted = {f"annotations/instances_{name}.json": ann_file.is_file(), f"{name}/": image_dir.is_dir()}
+        absent = ", ".join(text for text, found in wanted.items() if not found)
+        missing.append(f"{' + '.join(wanted)} (missing: {absent})")
+    raise FileNotFoundError(f"{root}: no {split!r} split; looked for " + "; ".join(missing))
+
+
 def _load_annotation_file(ann_file: Path) -> COCO:
     if not ann_file.is_file():
         raise FileNotFoundError(f"{ann_file}: annotation file not found")
@@ -98,6 +130,8 @@ class CocoDetection:
     Args:
         ann_file: the ``instances_*.json``.
         image_dir: folder that ``file_name`` entries are relative to.
+        skip_crowd: leave out annotations with ``iscrowd=1`` (default: keep them, as the
+            reference code does; see below).
 
     Attributes:
         coco: the pycocotools ``COCO`` object (for evaluation).
@@ -112,10 +146,20 @@ class CocoDetection:
     training loader), and the boxes of an image the file gives no size for are clipped when it
     is read. An annotation whose ``category_id`` is not among the file's
     categories raises ``ValueError`` naming the file and the annotation id.
+
+    Crowd regions (``iscrowd=1``, one box around a group of objects, segmented as RLE): only
+    ``bbox`` is read, so any ``segmentation`` loads. By default their boxes are training objects
+    like any other, because both official loaders keep them: CenterNet's
+    ``src/lib/datasets/sample/ctdet.py`` takes ``coco.getAnnIds(imgIds=[img_id])`` and CornerNet's
+    ``db/coco.py`` takes ``coco.getAnnIds(imgIds=..., catIds=...)``, neither passing pycocotools'
+    ``iscrowd`` filter. ``skip_crowd=True`` is the cleaner variant: one peak at the middle of a
+    crowd teaches the model a box no single object has, and ``COCOeval`` ignores crowd regions at
+    test time anyway (a detection matched to one counts neither for nor against).
     """
 
-    def __init__(self, ann_file: str | Path, image_dir: str | Path) -> None:
+    def __init__(self, ann_file: str | Path, image_dir: str | Path, skip_crowd: bool = False) -> None:
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
+        self.skip_crowd = skip_crowd
         self.coco = _load_annotation_file(self.ann_file)
         self.cat_ids = sorted(self.coco.cats)
         self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
@@ -140,6 +184,8 @@ class CocoDetection:
         width, height = info.get("width"), info.get("height")
         boxes, labels, clipped, dropped = [], [], 0, 0
         for ann in self.coco.imgToAnns.get(image_id, []):
+            if self.skip_crowd and ann.get("iscrowd", 0):
+                continue
             if ann.get("category_id") not in self.label_of:
                 raise ValueError(
                     f"{self.ann_file}: annotation {ann.get('id')} (image {image_id}) has unknown "
@@ -220,7 +266,8 @@ class CocoDetection:
         return Record(image, boxes, labels, image_id, path)
 
     @classmethod
-    def from_root(cls, root: str | Path, split: str) -> "CocoDetection":
-        """The usual COCO layout: ``root/annotations/instances_{split}.json`` and ``root/{split}/``."""
-        root = Path(root)
-        return cls(root / "annotations" / f"instances_{split}.json", root / split)
+    def from_root(cls, root: str | Path, split: str, skip_crowd: bool = False) -> "CocoDetection":
+        """Split ``split`` of the dataset folder ``root``, found by :func:`find_split`: our layout
+        (``annotations/instances_{split}.json`` + ``{split}/``) or COCO 2017's
+        (``annotations/instances_{split}2017.json`` + ``{split}2017/``)."""
+        return cls(*find_split(root, split), skip_crowd=skip_crowd)

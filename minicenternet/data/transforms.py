@@ -1,4 +1,5 @@
-"""Geometric pre-processing shared by training and inference: the reference affine crop.
+"""Pre-processing shared by training and inference: the reference affine crop, and the training
+colour augmentation (jitter and PCA lighting, at the end of this file).
 
 The official CenterNet code describes every crop by a centre ``c = (cx, cy)`` and a scale ``s``
 (the side, in source pixels, of the square that is mapped onto the network input). The map is a
@@ -24,6 +25,12 @@ __all__ = [
     "normalize_batch",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "color_jitter",
+    "pca_lighting",
+    "augment_colour",
+    "COCO_EIGVAL",
+    "COCO_EIGVEC",
+    "COCO_EIGVEC_BGR",
 ]
 
 
@@ -164,3 +171,129 @@ def normalize_batch(
     mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean_t) / std_t
+
+
+# The reference's lighting statistics (CornerNet's ``db/coco.py``, kept by CenterNet): a PCA of the
+# pixel colours of 5000 COCO images on the [0, 1] scale, computed on OpenCV's BGR pixels (CornerNet's
+# authors, CornerNet-Lite issue #106). Eigenvalues are variances, largest first. In the matrices each
+# column is an eigenvector and each row a channel: (B, G, R) as the reference writes it, (R, G, B)
+# in ``COCO_EIGVEC``, the one for our RGB images.
+COCO_EIGVAL = np.array([0.2141788, 0.01817699, 0.00341571], dtype=np.float32)
+COCO_EIGVEC_BGR = np.array(
+    [[-0.58752847, -0.69563484, 0.41340352], [-0.5832747, 0.00994535, -0.81221408], [-0.56089297, 0.71832671, 0.41158938]],
+    dtype=np.float32,
+)
+COCO_EIGVEC = np.ascontiguousarray(COCO_EIGVEC_BGR[::-1])
+for _constant in (COCO_EIGVAL, COCO_EIGVEC_BGR, COCO_EIGVEC):
+    _constant.setflags(write=False)
+
+_JITTER_OPS = ("brightness", "contrast", "saturation")  # indexed by the drawn permutation
+
+
+def color_jitter(
+    image: np.ndarray, rng: np.random.Generator, strength: float = 0.4, refresh_gray: bool = False
+) -> np.ndarray:
+    """Brightness, contrast and saturation jitter in a random order (the reference ``color_aug``).
+
+    The reference (CenterNet ``utils/image.py``, from CornerNet) takes the grayscale ``g`` of the
+    image and its mean ``m`` once, then runs the three steps in a shuffled order, each with a factor
+    ``a = 1 + U(-strength, strength)`` drawn when it runs: brightness ``x <- a x``; contrast
+    ``x <- a x + (1 - a) m`` (towards one scalar, the grayscale's mean); saturation
+    ``x <- a x + (1 - a) g`` (towards each pixel's gray). Nothing is clipped: values may leave
+    [0, 1]. The reference's pixels are OpenCV's BGR and its ``cv2.COLOR_BGR2GRAY`` weights them as
+    BGR, so on each channel it is the luma ``g = 0.299 R + 0.587 G + 0.114 B``, used here on our RGB
+    pixels (OpenCV's ``COLOR_RGB2GRAY``; equal to float32 rounding).
+
+    Draws from ``rng``: the permutation of (brightness, contrast, saturation), then one factor per
+    step in the order applied. The reference shuffles with Python's global ``random`` and draws the
+    factors from one ``RandomState(123)`` per dataset, which every data-loader worker copies (each
+    worker repeats the same factors every epoch); one generator per sample avoids that.
+
+    Args:
+        image: ``(H, W, 3)`` float32 RGB, nominally in [0, 1]; not modified.
+        rng: the sample's generator.
+        strength: the reference's ``var``, 0.4 for all three; 0 returns the image unchanged.
+        refresh_gray: ``False`` (the reference) blends towards the gray of the *input* even after
+            brightness has changed the image, so a later contrast or saturation step partly undoes
+            the brightness change. ``True`` recomputes ``g`` and ``m`` before each step, as
+            torchvision's ``ColorJitter`` does: contrast and saturation then keep the mean gray.
+
+    Returns:
+        ``(H, W, 3)`` float32, a new array.
+    """
+    out = np.array(image, dtype=np.float32)
+    gray = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)  # (H, W)
+    gray_mean = float(gray.mean())
+    for name in [_JITTER_OPS[i] for i in rng.permutation(len(_JITTER_OPS))]:
+        alpha = 1.0 + float(rng.uniform(-strength, strength))
+        if refresh_gray and name != "brightness":
+            gray = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)
+            gray_mean = float(gray.mean())
+        out *= alpha
+        if name == "contrast":
+            out += gray_mean * (1.0 - alpha)
+        elif name == "saturation":
+            out += gray[:, :, None] * (1.0 - alpha)
+    return out
+
+
+def pca_lighting(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    alphastd: float = 0.1,
+    eigval: np.ndarray = COCO_EIGVAL,
+    eigvec: np.ndarray = COCO_EIGVEC,
+) -> np.ndarray:
+    """AlexNet's PCA lighting noise (Krizhevsky et al., 2012, Sec. 4.1), as the reference ``lighting_``.
+
+    One colour shift for the whole image: ``x <- x + V (lambda * alpha)``, ``alpha ~ N(0, alphastd^2 I)``
+    (3 draws), ``lambda`` the eigenvalues, ``V`` the eigenvectors as columns; so the shift has
+    covariance ``V diag((alphastd lambda)^2) V^T``. No clipping.
+
+    Channel order: the reference adds ``COCO_EIGVEC_BGR`` to OpenCV's BGR pixels, and that matrix
+    was computed on BGR pixels (rows reversed, it is also the closer match to fb.resnet.torch's RGB
+    ImageNet eigenvectors), so the reference's noise is AlexNet's, consistently applied. For RGB
+    images the same noise per channel is ``COCO_EIGVEC`` (rows reversed), the default. The naive
+    port, ``COCO_EIGVEC_BGR`` on RGB pixels, swaps the red and blue loadings: a small error (the
+    eigenvectors are nearly symmetric in R and B), but no longer the reference.
+
+    Args:
+        image: ``(H, W, 3)`` float32, channels in the order of ``eigvec``'s rows; not modified.
+        rng: the sample's generator (3 normal draws).
+        alphastd: standard deviation of ``alpha`` (0.1, AlexNet's and the reference's).
+        eigval: ``(3,)`` eigenvalues (variances) of the pixel covariance.
+        eigvec: ``(3, 3)`` eigenvectors as columns, rows in the image's channel order.
+
+    Returns:
+        ``(H, W, 3)`` float32, a new array (the shift is computed in float64, as the reference's).
+    """
+    alpha = rng.normal(0.0, alphastd, size=3)
+    shift = np.asarray(eigvec) @ (np.asarray(eigval) * alpha)  # (3,) float64
+    return (np.asarray(image, dtype=np.float32) + shift).astype(np.float32)
+
+
+def augment_colour(
+    image: np.ndarray, rng: np.random.Generator, strength: float = 0.4, alphastd: float = 0.1,
+    refresh_gray: bool = False,
+) -> np.ndarray:
+    """The reference's training colour augmentation of a uint8 RGB sample: jitter, then lighting.
+
+    ``x = image / 255`` (float32), :func:`color_jitter`, :func:`pca_lighting` (defaults: the
+    reference's statistics in RGB order), then ``rint(clip(x, 0, 1) * 255)`` back to uint8, since
+    the library's samples stay uint8 until :func:`normalize_batch`. The reference normalises its
+    float result directly, so here values pushed outside [0, 1] saturate at 0 or 255 where the
+    reference lets them through, and every pixel is rounded to one of 256 levels (error <= 0.5/255).
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        rng: the sample's generator; draws as :func:`color_jitter`, then :func:`pca_lighting`.
+        strength: jitter strength (reference 0.4).
+        alphastd: lighting noise scale (reference 0.1).
+        refresh_gray: see :func:`color_jitter`.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB, a new array.
+    """
+    x = np.asarray(image, dtype=np.float32) / 255.0
+    x = pca_lighting(color_jitter(x, rng, strength, refresh_gray), rng, alphastd)
+    return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)

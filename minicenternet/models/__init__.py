@@ -8,10 +8,10 @@ from torch import nn
 
 from .cornernet import HourglassCornerNet
 from .dla import dla34
-from .hourglass import HOURGLASS_104, HOURGLASS_SMALL, hourglass104
+from .hourglass import HOURGLASS_104, HOURGLASS_SMALL, HourglassBackbone, hourglass104
 from .resnet import ResNetCenterNet
 
-__all__ = ["ARCHS", "PAPER_ARCHS", "SMALL_ARCHS", "TASKS", "CORNERNET_ARCHS", "build_model"]
+__all__ = ["ARCHS", "PAPER_ARCHS", "SMALL_ARCHS", "TASKS", "CORNERNET_ARCHS", "build_model", "input_multiple"]
 
 PAPER_ARCHS = ("resnet18", "resnet101", "dla34", "hourglass104")
 SMALL_ARCHS = ("dla-small", "hourglass-small")  # the same code at CPU-lesson size, opt-in by name
@@ -68,3 +68,15 @@ def build_model(
     if arch in ("dla34", "dla-small"):
         return dla34(num_classes, pretrained=pretrained, dcn=dcn, small=arch == "dla-small")
     return hourglass104(num_classes, pretrained=pretrained, small=arch == "hourglass-small")  # the rest of ARCHS
+
+
+def input_multiple(arch: str) -> int:
+    """The number an input side of ``arch`` must be a multiple of, the built model's
+    ``pad_multiple``, known without building it: 32 for ResNet and DLA (their stride), the
+    Hourglass's stride 4 times 2 per level (128 for Hourglass-104, 32 for the small one)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+    if arch in ("hourglass104", "hourglass-small"):
+        config = HOURGLASS_SMALL if arch == "hourglass-small" else HOURGLASS_104
+        return HourglassBackbone.stride * 2**config.levels
+    return 32

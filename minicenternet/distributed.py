@@ -1,0 +1,117 @@
+"""Several processes, one model: the few pieces ``train`` needs under ``torchrun``.
+
+``torchrun --nproc_per_node N -m minicenternet train ...`` starts N copies of the command with
+``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` set; :func:`setup` turns them into a process group
+(NCCL on CUDA, one GPU per process; gloo on a CPU). Each process trains a DistributedDataParallel
+replica on its share of every batch (see :class:`~minicenternet.data.sampler.EpochSampler`), the
+gradients are averaged across processes at each step, and rank 0 alone prints, draws progress
+bars and writes files. Without ``torchrun`` (``WORLD_SIZE`` unset or 1) every function here is a
+no-op, and the code path is the single-process one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["World", "setup", "world", "reduce_mean", "all_finite", "gather", "barrier", "wrap", "unwrap", "check_replicas"]
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place: ``rank`` of ``size`` processes, ``local_rank`` on its machine."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that prints and writes files."""
+        return self.rank == 0
+
+
+def world() -> World:
+    """The current process group's :class:`World` (a single process when there is none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def setup(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group that ``torchrun`` describes in the environment, once; return the
+    world and this process's device (``cuda:LOCAL_RANK`` on CUDA)."""
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    if size == 1:
+        return World(), device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    here = world()
+    if device.type == "cuda":
+        device = torch.device("cuda", here.local_rank)
+        torch.cuda.set_device(device)
+    return here, device
+
+
+def reduce_mean(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The mean over the processes of each scalar (detached), as every process logs it."""
+    if world().size == 1:
+        return {name: value.detach() for name, value in values.items()}
+    stacked = torch.stack([value.detach().float() for value in values.values()])
+    dist.all_reduce(stacked)
+    return dict(zip(values, stacked / world().size))
+
+
+def all_finite(loss: Tensor) -> bool:
+    """Whether the loss is finite in every process: they must all skip a batch together, or the
+    gradient all-reduce of the others would wait forever."""
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if world().size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def gather(value: Any) -> list[Any]:
+    """``value`` of every process, in rank order (any picklable object)."""
+    if world().size == 1:
+        return [value]
+    values: list[Any] = [None] * world().size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def barrier() -> None:
+    """Wait for every process (after rank 0 wrote a file the others read)."""
+    if world().size > 1:
+        dist.barrier()
+
+
+def wrap(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
+    """``model`` as a DistributedDataParallel replica (BatchNorm synchronised across processes
+    with ``sync_bn``); unchanged in a single process."""
+    if world().size == 1:
+        return model
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (what is saved and evaluated)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def check_replicas(model: nn.Module) -> None:
+    """Raise if the replicas' parameters and buffers differ (a fingerprint per tensor, compared
+    across processes): they must stay identical, or the saved model is only rank 0's."""
+    state = unwrap(model).state_dict()
+    fingerprint = [float(tensor.double().sum()) for tensor in state.values()]
+    prints = gather(fingerprint)
+    if any(other != prints[0] for other in prints[1:]):
+        names = [name for i, name in enumerate(state) if len({p[i] for p in prints}) > 1]
+        raise RuntimeError(f"the DDP replicas diverged in {len(names)} tensors, first {names[:3]}")

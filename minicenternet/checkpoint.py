@@ -82,8 +82,8 @@ def check_same_model(stored: dict[str, Any], wanted: dict[str, Any], path: str |
 
 
 def rng_state() -> dict[str, Any]:
-    """The states of Python's, NumPy's, torch's and (if any) CUDA's global generators, as lists,
-    numbers and tensors, so that a ``weights_only`` load reads them back."""
+    """The states of Python's, NumPy's, torch's and (if in use) the current CUDA device's global
+    generators, as lists, numbers and tensors, so that a ``weights_only`` load reads them back."""
     version, internal, gauss = random.getstate()
     _, keys, position, has_gauss, cached = np.random.get_state()
     state = {
@@ -91,8 +91,8 @@ def rng_state() -> dict[str, Any]:
         "numpy": [torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only
     return state
 
 
@@ -104,4 +104,4 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,11 +78,12 @@ def _pretrained(text: str) -> bool | str:
 def _train(args: argparse.Namespace) -> None:
     from .evaluate import format_table
     from .config import preset_config
+    from .distributed import teardown
     from .models import CORNERNET_ARCHS, input_multiple
     from .models.resnet import TRUNKS
     from .train import PRETRAIN_STEPS, default_config, train
 
-    names = ("arch", "task", "train_split", "val_split", "save_every_minutes", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every",
+    names = ("arch", "task", "train_split", "val_split", "save_every_minutes", "sync_bn", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every",
              "dcn", "amp", "budget_minutes", "pretrained")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.budget_minutes is not None:
@@ -102,16 +104,27 @@ def _train(args: argparse.Namespace) -> None:
         pretrain = "planned" if cfg.epochs is None else f"{PRETRAIN_STEPS} steps"
     else:
         pretrain = f"{cfg.pretrain_steps} steps"
-    print(
+    say = print if int(os.environ.get("RANK", 0)) == 0 else lambda *args, **kwargs: None  # torchrun: rank 0 speaks
+    say(
         f"training {cfg.arch} {TASK_NAMES[cfg.task]}{f' (dcn={cfg.dcn})' if cfg.task == 'centernet' else ''} on {cfg.data or 'the shapes dataset'}: "
         f"{epochs}, batch {cfg.batch_size}, {cfg.input_size}x{cfg.input_size}, lr {cfg.lr}, "
         f"trunk pre-training {pretrain}, device {cfg.device}, run folder {cfg.out}",
         flush=True,
     )
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    if processes > 1 and cfg.epochs is None and not args.resume:
+        raise UsageError(f"under torchrun ({processes} processes) give --epochs: the budget planner times one process")
+    if processes > 1 and cfg.batch_size % processes:
+        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch: it must divide over {processes} processes")
+    if cfg.sync_bn and not str(cfg.device).startswith("cuda"):
+        raise UsageError("--sync-bn needs CUDA devices (SyncBatchNorm runs on GPUs only)")
     start = time.perf_counter()
-    report = train(cfg, resume=args.resume)
-    print(f"finished in {(time.perf_counter() - start) / 60:.1f} min. {report.describe()}")
-    print(format_table(report.metrics))
+    try:
+        report = train(cfg, resume=args.resume)
+    finally:
+        teardown()
+    say(f"finished in {(time.perf_counter() - start) / 60:.1f} min. {report.describe()}")
+    say(format_table(report.metrics))
 
 
 def _detector(args: argparse.Namespace):
@@ -283,6 +296,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--val-every", type=int, help="validate every N epochs as well as after the last (0: last only)")
     train.add_argument("--dcn", action=argparse.BooleanOptionalAction, default=None, help="DCNv2 upsampling")
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
+    train.add_argument(
+        "--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+        help="under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)",
+    )
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt, where a killed run left off")
     train.add_argument(
         "--save-every-minutes", type=_positive(float),

@@ -50,6 +50,9 @@ class TrainConfig:
     the middle of one (with the optimiser, schedule, generator states and position in the epoch),
     so a killed run resumed with ``--resume`` loses at most that much.
 
+    ``sync_bn``: under ``torchrun``, BatchNorm statistics over the global batch instead of each
+    process's share (:mod:`minicenternet.distributed`).
+
     ``grad_clip`` is a maximum gradient norm, or ``None``: the official code clips nothing.
 
     ``task`` is ``"centernet"`` or ``"cornernet"`` (CornerNet: an Hourglass ``arch`` only, see
@@ -105,6 +108,7 @@ class TrainConfig:
     device: str | None = None
     seed: int = 0
     save_every_minutes: float = 2.0
+    sync_bn: bool = False
 
 
 def default_config(device: torch.device | str | None = None, **overrides) -> TrainConfig:

@@ -19,7 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["World", "setup", "world", "reduce_mean", "all_finite", "gather", "barrier", "wrap", "unwrap", "check_replicas"]
+__all__ = [
+    "World", "setup", "world", "reduce_mean", "all_finite", "any_process", "gather", "barrier", "wrap", "unwrap",
+    "sync_buffers", "check_replicas", "teardown",
+]
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,11 @@ class World:
     def main(self) -> bool:
         """Rank 0: the process that prints and writes files."""
         return self.rank == 0
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor sent through the process group must live: NCCL reduces CUDA tensors only."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def world() -> World:
@@ -76,6 +84,15 @@ def all_finite(loss: Tensor) -> bool:
     return bool(finite.item())
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true in any process: a decision (save now) that all must take together."""
+    if world().size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def gather(value: Any) -> list[Any]:
     """``value`` of every process, in rank order (any picklable object)."""
     if world().size == 1:
@@ -106,11 +123,29 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every replica. DDP does so at the
+    start of each forward pass, so after the last training step each replica still holds the
+    statistics of its own last batch; evaluation and the saved model need one set."""
+    if world().size > 1:
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def teardown() -> None:
+    """Leave the process group (at the end of a torchrun run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def check_replicas(model: nn.Module) -> None:
     """Raise if the replicas' parameters and buffers differ (a fingerprint per tensor, compared
     across processes): they must stay identical, or the saved model is only rank 0's."""
     state = unwrap(model).state_dict()
-    fingerprint = [float(tensor.double().sum()) for tensor in state.values()]
+    fingerprint = [  # a NaN must equal a NaN here: count them, and sum the rest
+        (float(torch.nan_to_num(tensor.double(), nan=0.0).sum()), int(torch.isnan(tensor.double()).sum()))
+        for tensor in state.values()
+    ]
     prints = gather(fingerprint)
     if any(other != prints[0] for other in prints[1:]):
         names = [name for i, name in enumerate(state) if len({p[i] for p in prints}) > 1]

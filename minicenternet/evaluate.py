@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
 from .data.coco import CocoDetection
+from .distributed import gather, world
 from .predict import Detector
 
 __all__ = ["METRIC_NAMES", "coco_detections", "coco_eval", "evaluate", "format_table", "Report", "run_report"]
@@ -81,14 +82,20 @@ def evaluate(
 ) -> dict[str, float]:
     """Predict every image of ``dataset`` (or the first ``limit``) and compute COCO AP
     (class-agnostic COCOeval when ``detector.class_agnostic``); ``decimals``: see
-    :func:`coco_detections`."""
+    :func:`coco_detections`.
+
+    Under ``torchrun`` every process predicts its share of the images (``rank, rank + N, ...``)
+    and all of them score the gathered detections: the same AP as one process, since COCOeval
+    matches each image's detections on their own, in the order they were predicted."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 image (or None: all of them), got {limit}")
     count = len(dataset) if limit is None else min(limit, len(dataset))
+    here = world()
     detections: list[dict] = []
-    for index in tqdm(range(count), desc="evaluate", disable=not progress, leave=False):
+    for index in tqdm(range(here.rank, count, here.size), desc="evaluate", disable=not progress, leave=False):
         prediction = detector(dataset.image_path(index))[0]
         detections.extend(coco_detections(dataset, index, prediction, decimals))
+    detections = [entry for part in gather(detections) for entry in part]
     return coco_eval(dataset, detections, dataset.image_ids[:count], detector.class_agnostic)
 
 

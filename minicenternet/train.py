@@ -42,6 +42,9 @@ from .checkpoint import check_same_model, load_run_checkpoint, restore_rng_state
 from .config import PRETRAIN_STEPS, TrainConfig, command_line, config_only_settings, default_config
 from .data.centernet_dataset import CenterNetDataset
 from .data.sampler import EpochSampler
+from .distributed import (
+    all_finite, any_process, barrier, check_replicas, gather, reduce_mean, setup, sync_buffers, unwrap, world, wrap,
+)
 from .data.coco import CocoDetection, find_split
 from .data.shapes import ensure_shapes
 from .data.transforms import normalize_batch
@@ -86,12 +89,15 @@ def _datasets(cfg: TrainConfig) -> tuple[CocoDetection, CocoDetection, CocoDetec
 
 
 def _loader(cfg: TrainConfig, source: CocoDetection, device: torch.device, persistent: bool = True) -> DataLoader:
+    """This process's loader: under ``torchrun`` its share of each epoch, ``batch_size / N`` per step."""
     dataset = CenterNetDataset(
         source, (cfg.input_size, cfg.input_size), True, cfg.max_objects, cfg.scale_range, cfg.flip_prob,
-        cfg.random_crop, cfg.jitter, cfg.task, cfg.color_aug,
+        cfg.random_crop, cfg.jitter, cfg.task, cfg.color_aug, cfg.seed,
     )
+    here = world()
+    sampler = EpochSampler(len(dataset), cfg.seed, here.rank, here.size)
     return DataLoader(
-        dataset, cfg.batch_size, sampler=EpochSampler(len(dataset), cfg.seed), num_workers=cfg.num_workers,
+        dataset, cfg.batch_size // here.size, sampler=sampler, num_workers=cfg.num_workers,
         drop_last=len(dataset) >= cfg.batch_size,
         pin_memory=device.type == "cuda", persistent_workers=persistent and cfg.num_workers > 0, worker_init_fn=_worker_init,
     )
@@ -116,7 +122,8 @@ def _new_model(cfg: TrainConfig, num_classes: int, device: torch.device, pretrai
 
 
 def _step(model, optimizer, scaler, images, targets, cfg: TrainConfig, amp: bool) -> dict[str, torch.Tensor] | None:
-    """One optimiser step on a loader batch; ``None`` (and no step) when the loss is not finite."""
+    """One optimiser step on a loader batch; ``None`` (and no step) when the loss is not finite.
+    The returned loss terms are this process's (see :func:`~minicenternet.distributed.reduce_mean`)."""
     device = next(model.parameters()).device
     images = normalize_batch(images.to(device, non_blocking=True)).contiguous(memory_format=_memory_format(cfg))
     targets = {k: v.to(device, non_blocking=True) for k, v in targets.items()}
@@ -124,7 +131,7 @@ def _step(model, optimizer, scaler, images, targets, cfg: TrainConfig, amp: bool
         outputs = model(images)
     losses = TASK_LOSSES[cfg.task](outputs, targets)
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(losses["loss"]):
+    if not all_finite(losses["loss"]):  # under torchrun: in every process, so that all skip it together
         return None
     scaler.scale(losses["loss"]).backward()
     if cfg.grad_clip is not None:
@@ -224,7 +231,8 @@ def _validate_and_save(model, val_src, device, cfg: TrainConfig, record: dict, c
     record.update(evaluate(detector, val_src, cfg.eval_limit, progress))
     ap = -math.inf if math.isnan(record["AP"]) else record["AP"]
     if best_ap is None or ap > best_ap:
-        save_checkpoint({**checkpoint, "metrics": record}, out / "best.pt")
+        if world().main:
+            save_checkpoint({**checkpoint, "metrics": record}, out / "best.pt")
         return ap
     return best_ap
 
@@ -244,10 +252,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
     if cfg.eval_limit is not None and cfg.eval_limit < 1:
         raise ValueError(f"eval_limit must be at least 1 image (or None: all of them), got {cfg.eval_limit}")
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    here, device = setup(torch.device(cfg.device) if cfg.device else default_device())
+    if here.size > 1 and cfg.batch_size % here.size:
+        raise ValueError(f"under torchrun the batch size is the global batch: {cfg.batch_size} does not divide "
+                         f"over {here.size} processes")
+    if cfg.sync_bn and device.type != "cuda":
+        raise ValueError("sync_bn needs CUDA devices (SyncBatchNorm runs on GPUs only)")
+    progress = progress and here.main
+    say = print if here.main else lambda *args, **kwargs: None  # rank 0 speaks for all
     cfg = replace(cfg, device=str(device))
     amp = resolve_amp(device, cfg.amp)
-    print(amp.describe(), flush=True)
+    say(amp.describe(), flush=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_src, val_src, test_src = _datasets(cfg)
@@ -257,6 +272,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
     state = load_run_checkpoint(out / "last.pt") if resume and (out / "last.pt").is_file() else None
     if state is not None:  # a clear error, not a state_dict traceback, when the run asks for another model
         check_same_model(state["model_config"], _model_config(cfg, train_src), out / "last.pt")
+    if here.size > 1 and cfg.epochs is None and state is None:
+        raise ValueError(f"under torchrun ({here.size} processes) give the epochs: the budget planner times one process")
     test_config = {
         "input_size": cfg.eval_input_size, "flip": cfg.eval_flip, "scales": tuple(cfg.eval_scales),
         "pad_variant": cfg.eval_pad, "amp": cfg.amp,
@@ -266,12 +283,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
     pretrained = cfg.pretrained
     if _needs_pretraining(cfg):
         pretrained = out / "trunk_pretrained.pt"
-        if not (resume and pretrained.is_file()):  # a resumed run keeps the trunk it started from
+        if here.main and not (resume and pretrained.is_file()):  # a resumed run keeps the trunk it started from
             pretrain_trunk(
                 train_src, pretrained, cfg.arch, cfg.pretrain_steps, device=device, amp=amp.enabled, seed=cfg.seed,
                 progress=progress,
             )
-    model = _new_model(cfg, train_src.num_classes, device, pretrained)
+        barrier()  # the other processes read the trunk rank 0 wrote
+    model = wrap(_new_model(cfg, train_src.num_classes, device, pretrained), device, cfg.sync_bn)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused_adam(device))
     total_iters = max(1, round(cfg.epochs * len(loader)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -280,30 +298,33 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
     scaler = torch.amp.GradScaler("cuda", enabled=amp.dtype == torch.float16)
     start_epoch, start_step, best_ap, history, partial = 0, 0, None, [], ({}, 0)
     if state is not None:
-        model.load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, best_ap, history = state["epoch"], state["best_ap"], state["history"]
         start_step = state.get("step_in_epoch", 0)  # checkpoints of older runs end their epochs
         partial = (state.get("partial_sums", {}), state.get("partial_steps", 0))
-        print(f"resuming {out / 'last.pt'}: epoch {start_epoch + 1}, step {start_step} of it, "
+        say(f"resuming {out / 'last.pt'}: epoch {start_epoch + 1}, step {start_step} of it, "
               f"{scheduler.last_epoch} steps done, lr {optimizer.param_groups[0]['lr']:.4g}", flush=True)
     steps_per_epoch = len(loader)
     num_epochs = math.ceil(total_iters / steps_per_epoch)
     checkpoint = {"model_config": _model_config(cfg, train_src), "test_config": test_config}
 
     def save_state(epoch: int, step_in_epoch: int, sums: dict[str, float], steps: int) -> None:
-        """``last.pt``: everything a resumed run needs to go on exactly from here."""
-        save_checkpoint(
-            {
-                **checkpoint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "step_in_epoch": step_in_epoch, "partial_sums": sums, "partial_steps": steps, "best_ap": best_ap,
-                "history": history, "rng": rng_state(), "train_config": asdict(cfg),
-            },
-            out / "last.pt",
-        )
+        """``last.pt``: everything a resumed run needs to go on exactly from here, with the
+        generator states of every process (called by all of them)."""
+        states = gather(rng_state())
+        if here.main:
+            save_checkpoint(
+                {
+                    **checkpoint, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                    "step_in_epoch": step_in_epoch, "partial_sums": sums, "partial_steps": steps,
+                    "best_ap": best_ap, "history": history, "rng": states, "train_config": asdict(cfg),
+                },
+                out / "last.pt",
+            )
 
     last_save, nonfinite = time.perf_counter(), []
     for epoch in range(start_epoch, num_epochs):
@@ -311,12 +332,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
         skip = start_step if epoch == start_epoch else 0
         sums, steps = (dict(partial[0]), partial[1]) if epoch == start_epoch else ({}, 0)
         loader.sampler.set_epoch(epoch, skip * cfg.batch_size)
-        resumed_here = state is not None and epoch == start_epoch and "rng" in state
-        if resumed_here and skip == 0:  # the generators as the killed run had them when it created this iterator
-            restore_rng_state(state["rng"])
+        saved = _saved_rng(state, here.size) if state is not None and epoch == start_epoch else None
+        if saved is not None and skip == 0:  # the generators as the killed run had them when it created this iterator
+            restore_rng_state(saved[here.rank])
         batches = iter(loader)
-        if resumed_here and skip > 0:  # ... or when it drew the next sample, after its iterator's own draw
-            restore_rng_state(state["rng"])
+        if saved is not None and skip > 0:  # ... or when it drew the next sample, after its iterator's own draw
+            restore_rng_state(saved[here.rank])
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{num_epochs}", total=steps_per_epoch, initial=skip,
                    disable=not progress, leave=False)
         for step_in_epoch, (images, targets) in enumerate(bar, start=skip + 1):
@@ -325,10 +346,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
             image_ids = targets.pop("image_id").tolist()
             losses = _step(model, optimizer, scaler, images, targets, cfg, amp.enabled)
             scheduler.step()
-            if losses is None:
+            if losses is None:  # in every process at once (all_finite), so the gather below is safe
+                image_ids = [i for part in gather(image_ids) for i in part]
                 nonfinite.append(image_ids)
-                warnings.warn(f"epoch {epoch + 1}: non-finite loss on the batch of image ids {image_ids}, skipped",
-                              stacklevel=1)
+                if here.main:
+                    warnings.warn(f"epoch {epoch + 1}: non-finite loss on the batch of image ids {image_ids}, skipped",
+                                  stacklevel=1)
                 if len(nonfinite) >= MAX_NONFINITE_IN_A_ROW:
                     raise RuntimeError(
                         f"{len(nonfinite)} batches in a row with a non-finite loss (image ids {nonfinite}); stopping. "
@@ -337,30 +360,48 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
                 continue
             nonfinite.clear()
             steps += 1
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().item()
+            for name, value in reduce_mean(losses).items():  # the mean over the processes
+                sums[name] = sums.get(name, 0.0) + value.item()
             bar.set_postfix({k.replace("_loss", ""): f"{v / steps:.3f}" for k, v in sums.items()})
-            if time.perf_counter() - last_save >= 60 * cfg.save_every_minutes and step_in_epoch < steps_per_epoch:
+            due = time.perf_counter() - last_save >= 60 * cfg.save_every_minutes
+            if any_process(due) and step_in_epoch < steps_per_epoch:  # the first process due decides for all
                 save_state(epoch, step_in_epoch, sums, steps)
                 last_save = time.perf_counter()
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "minutes": (time.perf_counter() - started) / 60}
         record.update({k: v / max(1, steps) for k, v in sums.items()})
-        checkpoint["model"] = model.state_dict()
+        sync_buffers(model)  # one model: rank 0's BatchNorm statistics in every replica
+        checkpoint["model"] = unwrap(model).state_dict()
         if (cfg.val_every > 0 and (epoch + 1) % cfg.val_every == 0) or epoch + 1 == num_epochs:
-            best_ap = _validate_and_save(model, val_src, device, cfg, record, checkpoint, best_ap, out, progress)
+            best_ap = _validate_and_save(unwrap(model), val_src, device, cfg, record, checkpoint, best_ap, out, progress)
         history.append(record)
-        with open(out / "metrics.jsonl", "a") as log:
-            log.write(json.dumps(_json_safe(record)) + "\n")
-        save_training_curves(history, out / "curves.png")
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
-        if nonfinite:  # the forward passes of the skipped batches may have left non-finite BN statistics
+        if here.main:
+            with open(out / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(_json_safe(record)) + "\n")
+            save_training_curves(history, out / "curves.png")
+        say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
+        if nonfinite and here.main:  # the forward passes of the skipped batches may have left non-finite BN statistics
             warnings.warn(f"epoch {epoch + 1} ended on skipped batches: {out / 'last.pt'} not updated", stacklevel=1)
-        else:
+        if not nonfinite:
             save_state(epoch + 1, 0, {}, 0)
             last_save = time.perf_counter()
+    check_replicas(model)
+    barrier()  # best.pt is written
     report = run_report(out, history[-1], test_src, device, cfg.channels_last, progress, cfg.eval_limit)
-    (out / "report.json").write_text(json.dumps({**asdict(report), "metrics": _json_safe(report.metrics)}, indent=1))
+    if here.main:
+        (out / "report.json").write_text(json.dumps({**asdict(report), "metrics": _json_safe(report.metrics)}, indent=1))
     return report
+
+
+def _saved_rng(state: dict[str, Any], processes: int) -> list[dict[str, Any]] | None:
+    """The generator states of a checkpoint, one per process, or ``None`` (with a warning) when
+    they cannot be restored: a run resumed with another number of processes."""
+    saved = state.get("rng")
+    saved = [saved] if isinstance(saved, dict) else saved  # checkpoints with a single process's states
+    if saved is None or len(saved) != processes:
+        warnings.warn(f"the checkpoint holds the generator states of {0 if saved is None else len(saved)} "
+                      f"process(es), this run has {processes}: they are not restored", stacklevel=2)
+        return None
+    return saved
 
 
 def _json_safe(record: dict) -> dict:

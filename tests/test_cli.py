@@ -299,3 +299,14 @@ def test_splits_from_the_command_line(monkeypatch):
     cfg = _config_of(monkeypatch, ["--train-split", "train2017", "--val-split", "val2017", "--epochs", "1"])
     assert (cfg.train_split, cfg.val_split) == ("train2017", "val2017")
     assert "--train-split train2017 --val-split val2017" in command_line(cfg, False)
+
+
+def test_torchrun_and_sync_bn_command_lines(monkeypatch):
+    import minicenternet.train as train_module
+
+    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: pytest.fail("train() ran"))
+    if not torch.cuda.is_available():
+        assert "--sync-bn needs CUDA" in _fails(["train", "--sync-bn", "--epochs", "1"], 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "give --epochs" in _fails(["train", "--device", "cpu"], 2)
+    assert "--batch-size 5 is the global batch" in _fails(["train", "--device", "cpu", "--epochs", "1", "--batch-size", "5"], 2)

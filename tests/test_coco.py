@@ -296,7 +296,7 @@ def test_centernet_dataset_eval_sample_hand_computed(tmp_path):
     assert torch.equal(image[:, 18:46], torch.from_numpy(colour).view(3, 1, 1).expand(3, 28, 64))
     assert image[:, :14].sum() == 0 and image[:, 50:].sum() == 0
 
-    assert set(targets) == {"hm", "wh", "reg", "ind", "mask"}
+    assert set(targets) == {"hm", "wh", "reg", "ind", "mask", "image_id"} and targets["image_id"].item() == 1
     assert targets["hm"].shape == (2, 16, 16) and targets["hm"].dtype == torch.float32
     assert targets["wh"].shape == (8, 2) and targets["reg"].shape == (8, 2)
     assert targets["ind"].shape == (8,) and targets["ind"].dtype == torch.int64

@@ -21,15 +21,47 @@ from minicenternet.data.sampler import EpochSampler
 def test_epoch_sampler_is_a_function_of_seed_and_epoch():
     sampler = EpochSampler(10, seed=3)
     sampler.set_epoch(2)
-    order = list(sampler)
-    assert sorted(order) == list(range(10)) and len(sampler) == 10
+    pairs = list(sampler)
+    order = [index for _, index in pairs]
+    assert {epoch for epoch, _ in pairs} == {2} and sorted(order) == list(range(10)) and len(sampler) == 10
     again = EpochSampler(10, seed=3)
     again.set_epoch(2, start=4)
-    assert list(again) == order[4:] and len(again) == 6  # a resumed epoch: the same order, where it stopped
+    assert [i for _, i in again] == order[4:] and len(again) == 6  # a resumed epoch: the same order, where it stopped
     sampler.set_epoch(3)
-    assert list(sampler) != order
+    assert [i for _, i in sampler] != order
     with pytest.raises(ValueError, match="start"):
         sampler.set_epoch(0, start=11)
+
+
+def test_the_processes_share_the_order_of_one():
+    """Two processes: every other sample each, together the single-process order (the odd tail dropped)."""
+    single = EpochSampler(11, seed=5)
+    shares = [EpochSampler(11, seed=5, rank=rank, world_size=2) for rank in (0, 1)]
+    for sampler in (single, *shares):
+        sampler.set_epoch(1, start=2)
+    order = [i for _, i in single]
+    assert [i for _, i in shares[0]] == order[0:8:2] and [i for _, i in shares[1]] == order[1:8:2]
+    assert len(shares[0]) == len(shares[1]) == 4
+
+
+def test_augmentation_is_the_same_with_any_number_of_workers(tiny_shapes):
+    """The training loader's samples depend on (seed, epoch, index) only, not on the worker that draws them."""
+    from torch.utils.data import DataLoader
+
+    from minicenternet.data.centernet_dataset import CenterNetDataset
+    from minicenternet.data.coco import CocoDetection
+
+    dataset = CenterNetDataset(CocoDetection.from_root(tiny_shapes, "train"), (64, 64), color_aug=True, seed=7)
+    batches = []
+    for workers in (0, 2):
+        sampler = EpochSampler(len(dataset), seed=7)
+        sampler.set_epoch(4)
+        torch.manual_seed(workers)  # the global generator plays no part
+        batches.append(next(iter(DataLoader(dataset, 4, sampler=sampler, num_workers=workers))))
+    assert torch.equal(batches[0][0], batches[1][0])
+    assert all(torch.equal(batches[0][1][k], batches[1][1][k]) for k in batches[0][1])
+    other = CenterNetDataset(dataset.source, (64, 64), color_aug=True, seed=8)[(4, 0)][0]
+    assert not torch.equal(dataset[(4, 0)][0], other)  # another seed, another sample
 
 
 def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
@@ -128,3 +160,13 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tiny_shapes, tmp_path, 
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="3 batches in a row with a non-finite loss"):
         train(cfg, progress=False)
     assert load_checkpoint(tmp_path / "stop" / "last.pt")["epoch"] == 1  # written after steps 1-2, before the bad ones
+
+
+def test_saved_generator_states_fit_the_number_of_processes():
+    from minicenternet.train import _saved_rng
+
+    one = rng_state()
+    assert _saved_rng({"rng": one}, 1) == [one]  # a checkpoint that stored one process's states as a dict
+    assert _saved_rng({"rng": [one, one]}, 2) == [one, one]
+    with pytest.warns(UserWarning, match="2 process"):
+        assert _saved_rng({"rng": [one, one]}, 1) is None

@@ -45,6 +45,10 @@ class CenterNetDataset(Dataset):
             and only flips.
         task: ``"centernet"`` or ``"cornernet"``: which encoder of
             :data:`minicenternet.targets.ENCODERS` makes the targets.
+        seed: with the ``(epoch, index)`` keys of :class:`~minicenternet.data.sampler.EpochSampler`,
+            each sample's augmentation is drawn from a generator seeded by ``(seed, epoch, index)``:
+            the same with any number of loader workers or processes, and after a resume. A plain
+            integer index draws from torch's global generator instead.
         color_aug: in training, apply :func:`augment_colour` (the reference's colour jitter and PCA
             lighting) to the warped image, as the reference does after its crop and flip. It draws
             from the sample's own generator after the crop and flip draws, so the geometry of a
@@ -68,6 +72,7 @@ class CenterNetDataset(Dataset):
         jitter: bool = False,
         task: str = "centernet",
         color_aug: bool = False,
+        seed: int = 0,
     ) -> None:
         if input_size[0] % 32 or input_size[1] % 32:
             raise ValueError(f"input_size must be divisible by 32, got {input_size}")
@@ -76,7 +81,7 @@ class CenterNetDataset(Dataset):
         self.encode = ENCODERS[task]
         self.source, self.input_size, self.train = source, tuple(input_size), train
         self.max_objects, self.scale_range, self.flip_prob = max_objects, scale_range, flip_prob
-        self.random_crop, self.jitter, self.color_aug = random_crop, jitter, color_aug
+        self.random_crop, self.jitter, self.color_aug, self.seed = random_crop, jitter, color_aug, seed
         self.output_size = (input_size[0] // OUTPUT_STRIDE, input_size[1] // OUTPUT_STRIDE)
         self._reported: set[str] = set()
 
@@ -93,13 +98,17 @@ class CenterNetDataset(Dataset):
                     warnings.warn(f"skipping unreadable sample: {err}", stacklevel=2)
         raise ImageReadError(f"{self.source.image_dir}: no readable image in the dataset")
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         record = self._read(index)
         image, boxes = record.image, record.boxes
         height, width = image.shape[:2]
         center, scale = np.array([width / 2, height / 2], dtype=np.float32), float(max(height, width))
         if self.train:
-            rng = np.random.default_rng(int(torch.randint(2**62, ())))
+            if epoch is None:  # a sample asked for by index alone: drawn from torch's generator
+                rng = np.random.default_rng(int(torch.randint(2**62, ())))
+            else:  # the training loader's (epoch, index): a function of the seed, whatever the process or worker
+                rng = np.random.default_rng([self.seed, epoch, index])
             if self.random_crop:
                 center, scale = random_crop_params((height, width), rng, self.scale_range)
             elif self.jitter:

@@ -18,17 +18,21 @@ from torch.utils.data import Sampler
 __all__ = ["EpochSampler"]
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[tuple[int, int]]):
     """A shuffled order of ``range(size)``, the same for the same ``(seed, epoch)``.
 
     Args:
         size: the number of samples.
         seed: the run's seed.
         rank, world_size: this process's share: samples ``rank, rank + world_size, ...`` of the
-            order (the tail that does not divide evenly is dropped, as DistributedSampler does).
+            order (the tail that does not divide evenly is dropped, as ``DistributedSampler(drop_last=True)``
+            does).
 
     ``set_epoch(epoch, start)`` picks the epoch's permutation and the position in it, counted in
     samples of the whole order, to start from; ``len()`` counts this process's samples from there.
+    The sampler yields ``(epoch, index)`` pairs, which
+    :class:`~minicenternet.data.centernet_dataset.CenterNetDataset` turns into the sample's own
+    augmentation generator.
     """
 
     def __init__(self, size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
@@ -45,9 +49,9 @@ class EpochSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.size, generator=generator).tolist()
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         rest = self.order()[self.start:]
-        return iter(rest[: len(self) * self.world_size][self.rank :: self.world_size])
+        return iter((self.epoch, index) for index in rest[: len(self) * self.world_size][self.rank :: self.world_size])
 
     def __len__(self) -> int:
         return (self.size - self.start) // self.world_size

@@ -144,15 +144,17 @@ def _detector(args: argparse.Namespace):
 def _evaluate(args: argparse.Namespace) -> None:
     from .data.coco import CocoDetection
     from .data.shapes import ensure_shapes
-    from .evaluate import evaluate, format_table
+    from .evaluate import evaluate, format_per_class, format_table
 
     root = Path(args.data) if args.data else ensure_shapes()
     dataset = CocoDetection.from_root(root, args.split)
-    metrics = evaluate(_detector(args), dataset, decimals=2 if args.reference else None)
+    metrics = evaluate(_detector(args), dataset, decimals=2 if args.reference else None, per_class=args.per_class)
     kind = "class-agnostic COCO box AP" if args.class_agnostic else "COCO box AP"
     kind += " (the official test's details)" if args.reference else ""
     print(f"{kind} of {args.checkpoint} on {root} ({args.split}, {len(dataset)} images):")
     print(format_table(metrics))
+    if args.per_class:
+        print(f"AP of each class:\n{format_per_class(metrics)}")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -333,6 +335,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the official test code's details: plain sigmoid, unclipped boxes, soft-NMS with its stale rows, "
         "2-decimal results",
     )
+    sub.choices["evaluate"].add_argument("--per-class", action="store_true", help="also print the AP of each class")
     sub.choices["evaluate"].add_argument(
         "--class-agnostic", action="store_true", help="merge the class heatmaps and ignore categories: localisation only"
     )

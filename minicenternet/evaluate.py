@@ -19,7 +19,9 @@ from .data.coco import CocoDetection
 from .distributed import gather, world
 from .predict import Detector
 
-__all__ = ["METRIC_NAMES", "coco_detections", "coco_eval", "evaluate", "format_table", "Report", "run_report"]
+__all__ = [
+    "METRIC_NAMES", "coco_detections", "coco_eval", "evaluate", "format_table", "format_per_class", "Report", "run_report",
+]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -52,8 +54,11 @@ def coco_eval(
     detections: list[dict],
     image_ids: list[int] | None = None,
     class_agnostic: bool = False,
+    per_class: bool = False,
 ) -> dict[str, float]:
-    """Run ``COCOeval`` (iouType ``bbox``) and return the six headline numbers.
+    """Run ``COCOeval`` (iouType ``bbox``) and return the six headline numbers, and with
+    ``per_class`` the AP of each class as ``"AP/<class name>"`` (COCO's AP is their mean over the
+    classes that have objects).
 
     COCOeval writes -1 for a size range with no ground-truth object; that is returned as ``nan``
     (missing), not as an AP of 0.
@@ -64,6 +69,8 @@ def coco_eval(
         image_ids: restrict the evaluation to these images (default: all of the dataset).
         class_agnostic: match detections to ground truth whatever their categories
             (``COCOeval.params.useCats = 0``).
+        per_class: add each class's AP (IoU 0.50:0.95, all sizes, 100 detections), ``nan`` for
+            a class without objects in these images.
     """
     with contextlib.redirect_stdout(io.StringIO()):
         results = dataset.coco.loadRes(detections) if detections else COCO()
@@ -73,16 +80,31 @@ def coco_eval(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(value) if value >= 0 else math.nan for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
+    metrics = {name: float(value) if value >= 0 else math.nan for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
+    if per_class and not class_agnostic:
+        precision = evaluator.eval["precision"][:, :, :, 0, -1]  # (IoU thresholds, recalls, classes): all sizes, 100 dets
+        for k, name in enumerate(dataset.class_names):  # params.catIds are the file's ids, sorted as cat_ids
+            values = precision[:, :, k]
+            metrics[f"AP/{name}"] = float(values[values > -1].mean()) if (values > -1).any() else math.nan
+    return metrics
+
+
+def format_per_class(metrics: dict[str, float]) -> str:
+    """The ``"AP/<class>"`` entries of ``metrics`` as one line per class."""
+    width = max((len(key) - 3 for key in metrics if key.startswith("AP/")), default=5)
+    return "\n".join(
+        f"{key[3:]:>{width}} {'-' if math.isnan(value) else f'{value:.3f}'}"
+        for key, value in metrics.items() if key.startswith("AP/")
+    )
 
 
 def evaluate(
     detector: Detector, dataset: CocoDetection, limit: int | None = None, progress: bool = True,
-    decimals: int | None = None,
+    decimals: int | None = None, per_class: bool = False,
 ) -> dict[str, float]:
     """Predict every image of ``dataset`` (or the first ``limit``) and compute COCO AP
     (class-agnostic COCOeval when ``detector.class_agnostic``); ``decimals``: see
-    :func:`coco_detections`.
+    :func:`coco_detections`; ``per_class``: see :func:`coco_eval`.
 
     Under ``torchrun`` every process predicts its share of the images (``rank, rank + N, ...``)
     and all of them score the gathered detections: the same AP as one process, since COCOeval
@@ -96,7 +118,7 @@ def evaluate(
         prediction = detector(dataset.image_path(index))[0]
         detections.extend(coco_detections(dataset, index, prediction, decimals))
     detections = [entry for part in gather(detections) for entry in part]
-    return coco_eval(dataset, detections, dataset.image_ids[:count], detector.class_agnostic)
+    return coco_eval(dataset, detections, dataset.image_ids[:count], detector.class_agnostic, per_class)
 
 
 def format_table(metrics: dict[str, float]) -> str:

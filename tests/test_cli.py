@@ -310,3 +310,12 @@ def test_torchrun_and_sync_bn_command_lines(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "give --epochs" in _fails(["train", "--device", "cpu"], 2)
     assert "--batch-size 5 is the global batch" in _fails(["train", "--device", "cpu", "--epochs", "1", "--batch-size", "5"], 2)
+
+
+def test_evaluate_command_per_class(trained, tiny_shapes):
+    out, _ = trained
+    text = _run(["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(tiny_shapes), "--per-class",
+                 "--device", "cpu"])
+    lines = text.splitlines()
+    start = lines.index("AP of each class:")
+    assert [line.split()[0] for line in lines[start + 1:]] == list(CLASSES)

@@ -110,7 +110,7 @@ def test_cornernet_samples_encode_the_corners_of_the_flipped_boxes(tiny_shapes):
     torch.manual_seed(0)
     _, targets = dataset[0]
     record = source[0]
-    assert set(targets) == {"tl_hm", "br_hm", "tl_off", "br_off", "tl_ind", "br_ind", "mask"}
+    assert set(targets) == {"tl_hm", "br_hm", "tl_off", "br_off", "tl_ind", "br_ind", "mask", "image_id"}
     count = int(targets["mask"].sum())
     assert count == len(record.boxes)
     boxes = record.boxes[:count] / 4  # the 64x64 image is the input: output stride 4

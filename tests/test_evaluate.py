@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from minicenternet.data.coco import CocoDetection
-from minicenternet.evaluate import coco_detections, coco_eval, evaluate, format_table
+from minicenternet.evaluate import coco_detections, coco_eval, evaluate, format_per_class, format_table
 from minicenternet.predict import Detector
 
 
@@ -93,3 +93,31 @@ def test_reference_results_are_rounded_to_two_decimals(one_box):
     rounded = coco_detections(dataset, 0, prediction, decimals=2)[0]
     assert full["score"] == pytest.approx(0.4567) and full["bbox"][0] == pytest.approx(1.234)
     assert rounded["score"] == 0.46 and rounded["bbox"] == [1.23, 2.35, 9.88, 19.88]
+
+
+def test_per_class_ap_by_hand(tmp_path):
+    """Two classes, one object each; a perfect box for class a and a box with IoU 2/3 for class b:
+    AP/a = 1, AP/b = the share of the ten IoU thresholds 0.50..0.95 it passes (0.50 to 0.65:
+    4 of 10, 0.4); COCO's AP is their mean; a class with no object is nan."""
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((100, 100, 3), np.uint8))
+    ann = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 100}],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 3, "name": "c"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 2, "bbox": [50, 50, 40, 40], "area": 1600, "iscrowd": 0},
+        ],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    dataset = CocoDetection(tmp_path / "ann.json", tmp_path)
+    # class b: the box shifted by 8 along x: intersection 32 x 40, union 48 x 40, IoU 2/3
+    prediction = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0], [58.0, 50.0, 98.0, 90.0]]),
+                  "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([0, 1])}
+    metrics = coco_eval(dataset, coco_detections(dataset, 0, prediction), per_class=True)
+    assert metrics["AP/a"] == pytest.approx(1.0) and metrics["AP/b"] == pytest.approx(0.4)
+    assert math.isnan(metrics["AP/c"])
+    assert metrics["AP"] == pytest.approx((metrics["AP/a"] + metrics["AP/b"]) / 2)
+    assert format_per_class(metrics).splitlines() == ["a 1.000", "b 0.400", "c -"]
+    assert "AP/a" not in coco_eval(dataset, coco_detections(dataset, 0, prediction))

@@ -269,7 +269,9 @@ def pca_lighting(
     """
     alpha = rng.normal(0.0, alphastd, size=3)
     shift = np.asarray(eigvec) @ (np.asarray(eigval) * alpha)  # (3,) float64
-    return (np.asarray(image, dtype=np.float32) + shift).astype(np.float32)
+    out = np.array(image, dtype=np.float32)
+    out += shift  # in place, as the reference's ``image += ...``: added in float64, stored as float32
+    return out
 
 
 def augment_colour(
@@ -294,6 +296,8 @@ def augment_colour(
     Returns:
         ``(H, W, 3)`` uint8 RGB, a new array.
     """
-    x = np.asarray(image, dtype=np.float32) / 255.0
+    x = np.asarray(image, dtype=np.float32) / np.float32(255)
     x = pca_lighting(color_jitter(x, rng, strength, refresh_gray), rng, alphastd)
-    return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+    np.clip(x, 0.0, 1.0, out=x)  # in place: this runs on every training sample
+    x *= np.float32(255)
+    return np.rint(x, out=x).astype(np.uint8)

@@ -363,3 +363,46 @@ def test_image_size_differing_from_the_file_is_an_error_and_missing_sizes_clip_o
     record = source[1]
     np.testing.assert_array_equal(record.boxes, [[12, 4, 20, 20]])
     np.testing.assert_array_equal(source.boxes(1)[0], [[12, 4, 30, 25]])  # as in the file, not clipped
+
+
+def test_an_augmented_box_is_found_again_in_the_pixels(tmp_path):
+    """A red rectangle on a gray image, sent through the training pipeline (random scale and crop,
+    flip, colour jitter and lighting) for many (epoch, index) draws: the box that the targets encode
+    (centre index + offset, size, at stride 4) is where the red pixels are in the warped image."""
+    image = np.full((120, 160, 3), 128, np.uint8)
+    image[30:70, 50:110] = (230, 20, 20)  # box [50, 30, 110, 70]
+    _write_rgb(tmp_path / "r.png", image)
+    ann_file = _write_dataset(tmp_path, [{"id": 1, "file_name": "r.png", "width": 160, "height": 120}],
+                              [_ann(1, 1, 3, [50, 30, 60, 40])])
+    dataset = CenterNetDataset(CocoDetection(ann_file, tmp_path), (128, 128), train=True, color_aug=True, seed=3)
+    checked = 0
+    for epoch in range(30):
+        warped, targets = dataset[(epoch, 0)]
+        pixels = warped.permute(1, 2, 0).numpy().astype(int)
+        red = (pixels[..., 0] - pixels[..., 1] > 80) & (pixels[..., 0] - pixels[..., 2] > 80)
+        if targets["mask"][0] == 0 or red.sum() < 50:
+            continue  # the crop cut the box away
+        ys, xs = np.nonzero(red)
+        found = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=float)  # pixel edges
+        ind, (dx, dy), (w, h) = int(targets["ind"][0]), targets["reg"][0].tolist(), targets["wh"][0].tolist()
+        cy, cx = divmod(ind, 32)
+        encoded = 4 * np.array([cx + dx - w / 2, cy + dy - h / 2, cx + dx + w / 2, cy + dy + h / 2])
+        inside = (found[0] > 1) & (found[1] > 1) & (found[2] < 127) & (found[3] < 127)
+        if inside:  # a box cut by the crop is clipped to the output map in the targets, not to the pixels
+            assert np.abs(found - encoded).max() <= 2.0, (epoch, found, encoded)
+            checked += 1
+    assert checked >= 10
+
+
+def test_an_unreadable_image_is_skipped_under_loader_workers(tmp_path):
+    (tmp_path / "bad.png").write_bytes(os.urandom(200))
+    rng = np.random.default_rng(4)
+    images = [{"id": 1, "file_name": "bad.png", "width": 32, "height": 32}]
+    for index in range(2, 6):
+        _write_rgb(tmp_path / f"{index}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        images.append({"id": index, "file_name": f"{index}.png", "width": 32, "height": 32})
+    anns = [_ann(index, index, 3, [4, 4, 10, 10]) for index in range(2, 6)]
+    dataset = CenterNetDataset(CocoDetection(_write_dataset(tmp_path, images, anns), tmp_path), (32, 32))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, sampler=[(0, i) for i in range(5)], num_workers=2)
+    (batch, targets), = list(loader)  # one batch of five samples: the bad one replaced by the next readable
+    assert batch.shape == (5, 3, 32, 32) and targets["image_id"].tolist() == [2, 2, 3, 4, 5]

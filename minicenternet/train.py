@@ -19,6 +19,11 @@ that repeats it without planning.
 through the same loop: its targets (:func:`~minicenternet.targets.encode_cornernet`), its loss
 (:func:`~minicenternet.losses.cornernet_loss`) and its test (:class:`~minicenternet.predict.Detector`
 reads the task from the model).
+
+A run can be killed at any moment: ``last.pt`` is written every ``save_every_minutes`` and at
+each epoch end with everything needed to go on, and ``resume=True`` continues from it to the
+same weights an uninterrupted run reaches. Under ``torchrun`` the same loop runs as
+DistributedDataParallel (:mod:`minicenternet.distributed`).
 """
 
 from __future__ import annotations
@@ -306,7 +311,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
         start_step = state.get("step_in_epoch", 0)  # checkpoints of older runs end their epochs
         partial = (state.get("partial_sums", {}), state.get("partial_steps", 0))
         say(f"resuming {out / 'last.pt'}: epoch {start_epoch + 1}, step {start_step} of it, "
-              f"{scheduler.last_epoch} steps done, lr {optimizer.param_groups[0]['lr']:.4g}", flush=True)
+            f"{scheduler.last_epoch} steps done, lr {optimizer.param_groups[0]['lr']:.4g}", flush=True)
     steps_per_epoch = len(loader)
     num_epochs = math.ceil(total_iters / steps_per_epoch)
     checkpoint = {"model_config": _model_config(cfg, train_src), "test_config": test_config}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -23,6 +24,9 @@ __all__ = [
     "World", "setup", "world", "reduce_mean", "all_finite", "any_process", "gather", "barrier", "wrap", "unwrap",
     "sync_buffers", "check_replicas", "teardown",
 ]
+
+
+COLLECTIVE_TIMEOUT = timedelta(hours=1)  # torch's default, 10 minutes, is shorter than a trunk pre-training
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,8 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
     size = int(os.environ.get("WORLD_SIZE", 1))
     if size == 1:
         return World(), device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():  # an hour before a collective gives up: rank 0 may pre-train a trunk meanwhile
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     here = world()
     if device.type == "cuda":
         device = torch.device("cuda", here.local_rank)

@@ -310,6 +310,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
         start_epoch, best_ap, history = state["epoch"], state["best_ap"], state["history"]
         start_step = state.get("step_in_epoch", 0)  # checkpoints of older runs end their epochs
         partial = (state.get("partial_sums", {}), state.get("partial_steps", 0))
+        if here.main:  # the log as far as the checkpoint: epochs logged after it are trained again
+            (out / "metrics.jsonl").write_text("".join(json.dumps(_json_safe(record)) + "\n" for record in history))
         say(f"resuming {out / 'last.pt'}: epoch {start_epoch + 1}, step {start_step} of it, "
             f"{scheduler.last_epoch} steps done, lr {optimizer.param_groups[0]['lr']:.4g}", flush=True)
     steps_per_epoch = len(loader)

@@ -3,6 +3,7 @@ checkpoint, and a real run killed with SIGKILL in the middle of an epoch, then r
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -114,6 +115,8 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
     done = killed["scheduler"]["last_epoch"]
     assert 0 < killed["step_in_epoch"] < STEPS_PER_EPOCH and done == killed["epoch"] * STEPS_PER_EPOCH + killed["step_in_epoch"]
     lr = killed["optimizer"]["param_groups"][0]["lr"]
+    with open(tmp_path / "killed" / "metrics.jsonl", "a") as log:  # as if an epoch were logged after last.pt
+        log.write('{"epoch": 99}\n')
     resumed = subprocess.run(_command(tiny_shapes, tmp_path / "killed", EPOCHS) + ["--resume"], env=ENV,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -122,6 +125,8 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
     final = load_checkpoint(tmp_path / "killed" / "last.pt")
     assert final["epoch"] == EPOCHS and final["scheduler"]["last_epoch"] == EPOCHS * STEPS_PER_EPOCH
     assert [record["epoch"] for record in final["history"]] == list(range(1, EPOCHS + 1))
+    logged = [json.loads(line)["epoch"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, EPOCHS + 1))  # the log restarts from the checkpoint's history
 
     whole = subprocess.run(_command(tiny_shapes, tmp_path / "whole", EPOCHS), env=ENV, capture_output=True,
                            text=True, timeout=300)

@@ -77,9 +77,8 @@ def _pretrained(text: str) -> bool | str:
 
 def _train(args: argparse.Namespace) -> None:
     from .evaluate import format_table
-    from .config import preset_config
+    from .config import check_config, preset_config
     from .distributed import teardown
-    from .models import CORNERNET_ARCHS, input_multiple
     from .models.resnet import TRUNKS
     from .train import PRETRAIN_STEPS, default_config, train
 
@@ -92,11 +91,10 @@ def _train(args: argparse.Namespace) -> None:
         cfg = preset_config(args.preset, args.device, **overrides)
     else:
         cfg = default_config(args.device, **overrides)
-    if cfg.task == "cornernet" and cfg.arch not in CORNERNET_ARCHS:
-        raise UsageError(f"--task cornernet needs an Hourglass backbone ({', '.join(CORNERNET_ARCHS)}), not {cfg.arch}")
-    multiple = input_multiple(cfg.arch)
-    if cfg.input_size % multiple:
-        raise UsageError(f"--input-size {cfg.input_size}: {cfg.arch} needs a multiple of {multiple}")
+    try:
+        check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)), args.resume and (Path(cfg.out) / "last.pt").is_file())
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     epochs = f"{cfg.epochs:g} epochs" if cfg.epochs is not None else f"epochs planned to a {cfg.budget_minutes:g}-minute budget"
     if cfg.arch not in TRUNKS or cfg.pretrained:
         pretrain = "none"
@@ -111,13 +109,6 @@ def _train(args: argparse.Namespace) -> None:
         f"trunk pre-training {pretrain}, device {cfg.device}, run folder {cfg.out}",
         flush=True,
     )
-    processes = int(os.environ.get("WORLD_SIZE", 1))
-    if processes > 1 and cfg.epochs is None and not args.resume:
-        raise UsageError(f"under torchrun ({processes} processes) give --epochs: the budget planner times one process")
-    if processes > 1 and cfg.batch_size % processes:
-        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch: it must divide over {processes} processes")
-    if cfg.sync_bn and not str(cfg.device).startswith("cuda"):
-        raise UsageError("--sync-bn needs CUDA devices (SyncBatchNorm runs on GPUs only)")
     start = time.perf_counter()
     try:
         report = train(cfg, resume=args.resume)

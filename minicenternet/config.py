@@ -9,10 +9,11 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from .device import default_device
+from .models import CORNERNET_ARCHS, input_multiple
 
 __all__ = [
     "PRETRAIN_STEPS", "TrainConfig", "default_config", "Preset", "PRESETS", "preset_config", "command_line",
-    "config_only_settings",
+    "config_only_settings", "check_config",
 ]
 
 PRETRAIN_STEPS = 300  # trunk pre-training steps of the CPU preset (at most, when planned to a budget)
@@ -253,3 +254,22 @@ def command_line(cfg: TrainConfig, amp: bool) -> str:
     words += ["--device", str(cfg.device), "--epochs", f"{cfg.epochs:g}", "--pretrain-steps", str(cfg.pretrain_steps)]
     words.append("--amp" if amp else "--no-amp")
     return shlex.join(words)
+
+
+def check_config(cfg: TrainConfig, processes: int = 1, resuming: bool = False) -> None:
+    """Raise a ``ValueError`` naming the first setting of ``cfg`` that cannot run, before any data
+    is drawn or read (the command line reports it as a usage error): a CornerNet on a backbone
+    other than the Hourglass, an input side that is not a multiple of the backbone's, ``sync_bn``
+    off CUDA, and under ``torchrun`` (``processes > 1``) a run without epochs (the budget planner
+    times one process; a resumed run has its own) or a global batch that does not divide."""
+    if cfg.task == "cornernet" and cfg.arch not in CORNERNET_ARCHS:
+        raise ValueError(f"--task cornernet needs an Hourglass backbone ({', '.join(CORNERNET_ARCHS)}), not {cfg.arch}")
+    multiple = input_multiple(cfg.arch)
+    if cfg.input_size % multiple:
+        raise ValueError(f"--input-size {cfg.input_size}: {cfg.arch} needs a multiple of {multiple}")
+    if cfg.sync_bn and not str(cfg.device).startswith("cuda"):
+        raise ValueError("--sync-bn needs CUDA devices (SyncBatchNorm runs on GPUs only)")
+    if processes > 1 and cfg.epochs is None and not resuming:
+        raise ValueError(f"under torchrun ({processes} processes) give --epochs: the budget planner times one process")
+    if processes > 1 and cfg.batch_size % processes:
+        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch: it must divide over {processes} processes")

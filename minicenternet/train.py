@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from .budget import Costs, Plan, mean_seconds, plan_run, untouched_rng
 from .checkpoint import check_same_model, load_run_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from .config import PRETRAIN_STEPS, TrainConfig, command_line, config_only_settings, default_config
+from .config import PRETRAIN_STEPS, TrainConfig, check_config, command_line, config_only_settings, default_config
 from .data.centernet_dataset import CenterNetDataset
 from .data.sampler import EpochSampler
 from .distributed import (
@@ -258,14 +258,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
         raise ValueError(f"eval_limit must be at least 1 image (or None: all of them), got {cfg.eval_limit}")
     torch.manual_seed(cfg.seed)
     here, device = setup(torch.device(cfg.device) if cfg.device else default_device())
-    if here.size > 1 and cfg.batch_size % here.size:
-        raise ValueError(f"under torchrun the batch size is the global batch: {cfg.batch_size} does not divide "
-                         f"over {here.size} processes")
-    if cfg.sync_bn and device.type != "cuda":
-        raise ValueError("sync_bn needs CUDA devices (SyncBatchNorm runs on GPUs only)")
     progress = progress and here.main
     say = print if here.main else lambda *args, **kwargs: None  # rank 0 speaks for all
     cfg = replace(cfg, device=str(device))
+    check_config(cfg, here.size, resume and (Path(cfg.out) / "last.pt").is_file())
     amp = resolve_amp(device, cfg.amp)
     say(amp.describe(), flush=True)
     out = Path(cfg.out)
@@ -277,8 +273,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
     state = load_run_checkpoint(out / "last.pt") if resume and (out / "last.pt").is_file() else None
     if state is not None:  # a clear error, not a state_dict traceback, when the run asks for another model
         check_same_model(state["model_config"], _model_config(cfg, train_src), out / "last.pt")
-    if here.size > 1 and cfg.epochs is None and state is None:
-        raise ValueError(f"under torchrun ({here.size} processes) give the epochs: the budget planner times one process")
     test_config = {
         "input_size": cfg.eval_input_size, "flip": cfg.eval_flip, "scales": tuple(cfg.eval_scales),
         "pad_variant": cfg.eval_pad, "amp": cfg.amp,

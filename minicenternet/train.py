@@ -334,11 +334,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
         sums, steps = (dict(partial[0]), partial[1]) if epoch == start_epoch else ({}, 0)
         loader.sampler.set_epoch(epoch, skip * cfg.batch_size)
         saved = _saved_rng(state, here.size) if state is not None and epoch == start_epoch else None
-        if saved is not None and skip == 0:  # the generators as the killed run had them when it created this iterator
+        if saved is not None:  # the global generators as the killed run left them (samples draw from their own)
             restore_rng_state(saved[here.rank])
         batches = iter(loader)
-        if saved is not None and skip > 0:  # ... or when it drew the next sample, after its iterator's own draw
-            restore_rng_state(saved[here.rank])
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{num_epochs}", total=steps_per_epoch, initial=skip,
                    disable=not progress, leave=False)
         for step_in_epoch, (images, targets) in enumerate(bar, start=skip + 1):

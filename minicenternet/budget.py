@@ -19,7 +19,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["Costs", "Plan", "median_seconds", "mean_seconds", "untouched_rng", "plan_run"]
+__all__ = ["MAX_EVAL_SHARE", "Costs", "Plan", "median_seconds", "mean_seconds", "untouched_rng", "plan_run"]
+
+MAX_EVAL_SHARE = 0.1
+"""Largest share of a planned run's budget its multi-scale test may take; above it the run tests at
+scale 1 only (on a weakly trained model the extra scales add next to nothing, benchmarks/README.md)."""
 
 
 def _sync(device: torch.device | str | None) -> Callable[[], None]:

@@ -83,8 +83,10 @@ def _train(args: argparse.Namespace) -> None:
     from .train import PRETRAIN_STEPS, default_config, train
 
     names = ("arch", "task", "train_split", "val_split", "save_every_minutes", "sync_bn", "epochs", "batch_size", "lr", "input_size", "data", "out", "seed", "pretrain_steps", "val_every",
-             "dcn", "amp", "budget_minutes", "pretrained")
+             "dcn", "amp", "budget_minutes", "pretrained", "eval_scales")
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.eval_scales is not None:
+        overrides["eval_scales"] = tuple(args.eval_scales)
     if args.budget_minutes is not None:
         overrides["epochs"] = None  # a budget plans the epochs, on any device
     if args.preset:  # the preset's lr scales with an explicit batch size unless --lr is given too
@@ -287,6 +289,11 @@ def _parser() -> argparse.ArgumentParser:
         "(default: imagenet on CUDA; none on a CPU, which pre-trains on object crops instead)",
     )
     train.add_argument("--val-every", type=int, help="validate every N epochs as well as after the last (0: last only)")
+    train.add_argument(
+        "--eval-scales", type=_positive(float), nargs="+", metavar="SCALE",
+        help="test scales of the validations and the final test (CPU default: 0.75 1 1.25, or 1 alone where "
+        "that test would take more than a tenth of a planned run's budget)",
+    )
     train.add_argument("--dcn", action=argparse.BooleanOptionalAction, default=None, help="DCNv2 upsampling")
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
     train.add_argument(

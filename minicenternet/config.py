@@ -223,7 +223,7 @@ def preset_config(name: str, device: torch.device | str | None = None, **overrid
     return PRESETS[name].config(str(device), **overrides)
 
 
-_CLI_FLAGS = ("arch", "task", "data", "train_split", "val_split", "out", "input_size", "batch_size", "lr", "seed", "val_every", "dcn")
+_CLI_FLAGS = ("arch", "task", "data", "train_split", "val_split", "out", "input_size", "batch_size", "lr", "seed", "val_every", "dcn", "eval_scales")
 _LENGTH_AND_DEVICE = ("epochs", "pretrain_steps", "budget_minutes", "amp", "device", "pretrained")
 _NO_EFFECT = ("save_every_minutes",)  # when last.pt is written does not change the run
 
@@ -248,7 +248,10 @@ def command_line(cfg: TrainConfig, amp: bool) -> str:
         value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
         if value == getattr(preset, name):
             continue
-        words += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            words += [flag, *(f"{v:g}" for v in value)] if isinstance(value, tuple) else [flag, str(value)]
     if cfg.pretrained != preset.pretrained:
         words += ["--pretrained", {True: "imagenet", False: "none"}.get(cfg.pretrained, str(cfg.pretrained))]
     words += ["--device", str(cfg.device), "--epochs", f"{cfg.epochs:g}", "--pretrain-steps", str(cfg.pretrain_steps)]

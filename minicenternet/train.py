@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .budget import Costs, Plan, mean_seconds, plan_run, untouched_rng
+from .budget import MAX_EVAL_SHARE, Costs, Plan, mean_seconds, plan_run, untouched_rng
 from .checkpoint import check_same_model, load_run_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from .config import PRETRAIN_STEPS, TrainConfig, check_config, command_line, config_only_settings, default_config
 from .data.centernet_dataset import CenterNetDataset
@@ -195,28 +195,58 @@ def _measure(
 
 
 def _plan(
-    cfg: TrainConfig, loader, source, val_src, device, amp: AmpChoice, test_config: dict, test_images: int, started: float
+    cfg: TrainConfig, loader, source, val_src, device, amp: AmpChoice, test_images: int, started: float
 ) -> Plan:
     if len(loader) == 0:
         raise ValueError(f"{source.ann_file}: no training batch of {cfg.batch_size} images to plan a run with")
-    costs = _measure(cfg, source, val_src, device, amp, test_config, test_images)
+    costs = _measure(cfg, source, val_src, device, amp, _test_config(cfg), test_images)
     return plan_run(
         cfg.budget_minutes * 60, time.perf_counter() - started, costs, len(loader), pretrain_steps=cfg.pretrain_steps,
         max_pretrain_steps=PRETRAIN_STEPS if _needs_pretraining(cfg) else 0,
     )
 
 
-def _settle_length(
-    cfg, state, loader, source, val_src, device, amp: AmpChoice, test_config: dict, test_images: int, started: float
-) -> TrainConfig:
+FEW_EPOCHS = 8
+"""Below this many planned epochs a ResNet CenterNet on shapes has not learnt the classes yet (measured in
+benchmarks/README.md), and the run suggests the cheaper Hourglass instead."""
+
+
+def _test_config(cfg: TrainConfig) -> dict:
+    """The :class:`~minicenternet.predict.Detector` settings of ``cfg``'s validations and test."""
+    return {
+        "input_size": cfg.eval_input_size, "flip": cfg.eval_flip, "scales": tuple(cfg.eval_scales),
+        "pad_variant": cfg.eval_pad, "amp": cfg.amp,
+    }
+
+
+def _settle_length(cfg, state, loader, source, val_src, device, amp: AmpChoice, test_images: int, started: float) -> TrainConfig:
     """``cfg`` with its epochs and pre-training steps fixed: as given, as the resumed run planned
-    them, or planned now to the budget."""
+    them, or planned now to the budget. A planned run whose multi-scale test would take more than
+    :data:`~minicenternet.budget.MAX_EVAL_SHARE` of the budget tests at scale 1 only (flip kept):
+    on a slow CPU those minutes train better than they test."""
     if cfg.epochs is None and state is not None:
         stored = state["train_config"]
-        return replace(cfg, epochs=stored["epochs"], pretrain_steps=stored["pretrain_steps"])
+        return replace(
+            cfg, epochs=stored["epochs"], pretrain_steps=stored["pretrain_steps"], eval_scales=tuple(stored["eval_scales"])
+        )
     if cfg.epochs is None:
-        plan = _plan(cfg, loader, source, val_src, device, amp, test_config, test_images, started)
+        plan = _plan(cfg, loader, source, val_src, device, amp, test_images, started)
+        share = plan.costs.evaluation / plan.budget_seconds
+        if len(cfg.eval_scales) > 1 and share > MAX_EVAL_SHARE:
+            print(
+                f"the {len(cfg.eval_scales)}-scale test would take ~{plan.costs.evaluation:.0f} s "
+                f"({share:.0%} of the budget): testing at scale 1 only, the time goes to training",
+                flush=True,
+            )
+            cfg = replace(cfg, eval_scales=(1.0,))
+            plan = _plan(cfg, loader, source, val_src, device, amp, test_images, started)
         print(plan.describe(), flush=True)
+        if cfg.arch in TRUNKS and plan.epochs < FEW_EPOCHS:
+            print(
+                f"{cfg.arch} affords only {plan.epochs:g} epochs here, too few to learn the classes; "
+                f"--arch hourglass-small takes a fraction of its step time and learns them in fewer epochs (benchmarks/README.md)",
+                flush=True,
+            )
         cfg = replace(cfg, epochs=plan.epochs, pretrain_steps=plan.pretrain_steps)
         unexpressed = config_only_settings(cfg)
         extra = f" (and in TrainConfig: {', '.join(unexpressed)})" if unexpressed else ""
@@ -273,12 +303,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Repo
     state = load_run_checkpoint(out / "last.pt") if resume and (out / "last.pt").is_file() else None
     if state is not None:  # a clear error, not a state_dict traceback, when the run asks for another model
         check_same_model(state["model_config"], _model_config(cfg, train_src), out / "last.pt")
-    test_config = {
-        "input_size": cfg.eval_input_size, "flip": cfg.eval_flip, "scales": tuple(cfg.eval_scales),
-        "pad_variant": cfg.eval_pad, "amp": cfg.amp,
-    }
     test_images = _evaluated(cfg, test_src) if test_src is not None else 0
-    cfg = _settle_length(cfg, state, loader, train_src, val_src, device, amp, test_config, test_images, started)
+    cfg = _settle_length(cfg, state, loader, train_src, val_src, device, amp, test_images, started)
+    test_config = _test_config(cfg)
     pretrained = cfg.pretrained
     if _needs_pretraining(cfg):
         pretrained = out / "trunk_pretrained.pt"

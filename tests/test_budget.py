@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import minicenternet.train as train_module
-from minicenternet.budget import Costs, mean_seconds, median_seconds, plan_run
+from minicenternet.budget import MAX_EVAL_SHARE, Costs, mean_seconds, median_seconds, plan_run
 from minicenternet.checkpoint import load_checkpoint
-from minicenternet.cli import main
+from minicenternet.cli import _parser, main
 from minicenternet.device import AmpChoice
 from minicenternet.train import command_line, default_config, train
 
@@ -104,7 +104,7 @@ def test_the_plan_and_its_command_for_each_precision_choice(tiny_shapes, tmp_pat
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         settled = train_module._settle_length(
-            cfg, None, loader, train_src, val_src, torch.device("cpu"), choice, {}, 0, time.perf_counter()
+            cfg, None, loader, train_src, val_src, torch.device("cpu"), choice, 0, time.perf_counter()
         )
     assert (settled.epochs, settled.pretrain_steps) == (2.5, 2)
     text = printed.getvalue()
@@ -115,6 +115,62 @@ def test_the_plan_and_its_command_for_each_precision_choice(tiny_shapes, tmp_pat
     command = next(line for line in text.splitlines() if line.startswith("the same run without planning: "))
     assert command.endswith("--epochs 2.5 --pretrain-steps 2 " + ("--amp" if enabled else "--no-amp"))
     assert command.split(": ", 1)[1] == command_line(settled, enabled)
+
+
+def _settled(cfg, state=None):
+    """``cfg`` after :func:`_settle_length`, and what it printed."""
+    train_src, val_src, _ = train_module._datasets(cfg)
+    loader = train_module._loader(cfg, train_src, torch.device("cpu"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        settled = train_module._settle_length(
+            cfg, state, loader, train_src, val_src, torch.device("cpu"), AmpChoice(False, None, "off"), 0,
+            time.perf_counter(),
+        )
+    return settled, printed.getvalue()
+
+
+def test_a_test_too_dear_for_the_budget_drops_its_extra_scales(tiny_shapes, tmp_path, monkeypatch):
+    """The 3-scale test measured at 571 s is 19 % of a 50-minute budget, above MAX_EVAL_SHARE: the run
+    tests at scale 1 (measured again, 150 s) and plans with that. 150 s and the reserve leave 2700 s
+    minus the start-up s (under a minute); pre-training floor(0.12 * (2700 - s) / 100) = 3 steps;
+    (2400 - s) / 800 rounds down to 2.9 epochs, whose 6 steps end 2850 + s seconds in, past the
+    reserve, so the plan steps back to 2.7 (5 steps)."""
+    measured = []
+
+    def fake_measure(cfg, source, val_src, device, amp, test_config, test_images):
+        measured.append(test_config["scales"])
+        return replace(FAKE_COSTS, evaluation=571.0 if len(test_config["scales"]) > 1 else 150.0)
+
+    monkeypatch.setattr(train_module, "_measure", fake_measure)
+    cfg = _planned_config(tiny_shapes, tmp_path, False)
+    assert cfg.eval_scales == (0.75, 1.0, 1.25) and 571 / 3000 > MAX_EVAL_SHARE
+    settled, text = _settled(cfg)
+    assert measured == [(0.75, 1.0, 1.25), (1.0,)]
+    assert settled.eval_scales == (1.0,) and settled.eval_flip
+    assert (settled.epochs, settled.pretrain_steps) == (2.7, 3)
+    assert "the 3-scale test would take ~571 s (19% of the budget): testing at scale 1 only" in text
+    assert "+ evaluation ~150 s" in text
+    assert "resnet18 affords only 2.7 epochs here" in text and "--arch hourglass-small" in text
+    assert "affords only" not in _settled(replace(cfg, arch="dla-small"))[1]  # not a ResNet: no advice
+    command = next(line for line in text.splitlines() if line.startswith("the same run without planning: "))
+    assert " --eval-scales 1 " in command
+    # a test within the share keeps its scales; a run with its epochs given is never re-planned
+    monkeypatch.setattr(train_module, "_measure", lambda *args: replace(FAKE_COSTS, evaluation=299.0))
+    assert _settled(cfg)[0].eval_scales == (0.75, 1.0, 1.25)
+    monkeypatch.setattr(train_module, "_measure", lambda *args: pytest.fail("an explicit epochs must not plan"))
+    assert _settled(replace(cfg, epochs=2.0))[0].eval_scales == (0.75, 1.0, 1.25)
+    # a resumed planned run keeps the test its plan chose
+    stored = {"train_config": {"epochs": 3.0, "pretrain_steps": 3, "eval_scales": [1.0]}}
+    assert _settled(cfg, stored)[0].eval_scales == (1.0,)
+
+
+def test_eval_scales_on_the_command_line():
+    assert command_line(replace(default_config("cpu"), eval_scales=(1.0, 1.5), epochs=2.0, pretrain_steps=0), False) == (
+        "minicenternet train --eval-scales 1 1.5 --device cpu --epochs 2 --pretrain-steps 0 --no-amp"
+    )
+    args = _parser().parse_args(["train", "--eval-scales", "0.5", "1"])
+    assert args.eval_scales == [0.5, 1.0]
 
 
 def test_a_planned_run_follows_its_plan(tiny_shapes, tmp_path, monkeypatch):
@@ -169,7 +225,7 @@ def test_settings_the_command_line_cannot_set_are_named(tiny_shapes, tmp_path, m
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         train_module._settle_length(
-            cfg, None, loader, train_src, val_src, torch.device("cpu"), AmpChoice(False, None, "off"), {}, 0,
+            cfg, None, loader, train_src, val_src, torch.device("cpu"), AmpChoice(False, None, "off"), 0,
             time.perf_counter(),
         )
     assert "--no-amp (and in TrainConfig: warmup_iters=3, eval_flip=False)" in printed.getvalue()

@@ -106,7 +106,7 @@ def _train(args: argparse.Namespace) -> None:
         pretrain = f"{cfg.pretrain_steps} steps"
     say = print if int(os.environ.get("RANK", 0)) == 0 else lambda *args, **kwargs: None  # torchrun: rank 0 speaks
     say(
-        f"training {cfg.arch} {TASK_NAMES[cfg.task]}{f' (dcn={cfg.dcn})' if cfg.task == 'centernet' else ''} on {cfg.data or 'the shapes dataset'}: "
+        f"training {cfg.arch} {TASK_NAMES[cfg.task]}{f' (dcn={cfg.dcn})' if cfg.task == 'centernet' and not cfg.arch.startswith('hourglass') else ''} on {cfg.data or 'the shapes dataset'}: "
         f"{epochs}, batch {cfg.batch_size}, {cfg.input_size}x{cfg.input_size}, lr {cfg.lr}, "
         f"trunk pre-training {pretrain}, device {cfg.device}, run folder {cfg.out}",
         flush=True,
@@ -248,12 +248,12 @@ def _parser() -> argparse.ArgumentParser:
         for name, p in PRESETS.items()
     )
     train = sub.add_parser(
-        "train", help="train a CenterNet or CornerNet (default: CenterNet, ResNet-18, on the shapes dataset)",
+        "train", help="train a CenterNet or CornerNet (default: CenterNet on the shapes dataset)",
         epilog=f"paper presets (--preset; 512x512, Adam; explicit flags win):\n{presets}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--preset", choices=sorted(PRESETS), help="a training setting of the paper (listed below)")
-    train.add_argument("--arch", choices=ARCHS, help="backbone (default resnet18; CornerNet: hourglass-small on a CPU)")
+    train.add_argument("--arch", choices=ARCHS, help="backbone (default: hourglass-small on a CPU, resnet18 on CUDA; CornerNet: hourglass104 on CUDA)")
     train.add_argument(
         "--task", choices=TASKS, help="centernet (default) or cornernet (Hourglass backbones only)"
     )
@@ -286,13 +286,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--pretrained", type=_pretrained,
         help="trunk start: imagenet (torchvision's weights; needs a network once), none, or a local state_dict file "
-        "(default: imagenet on CUDA; none on a CPU, which pre-trains on object crops instead)",
+        "(default: imagenet on CUDA; none on a CPU, where a ResNet pre-trains on object crops instead)",
     )
     train.add_argument("--val-every", type=int, help="validate every N epochs as well as after the last (0: last only)")
     train.add_argument(
         "--eval-scales", type=_positive(float), nargs="+", metavar="SCALE",
         help="test scales of the validations and the final test (CPU default: 0.75 1 1.25, or 1 alone where "
-        "that test would take more than a tenth of a planned run's budget)",
+        "that test would take more than a fifth of a planned run's budget)",
     )
     train.add_argument("--dcn", action=argparse.BooleanOptionalAction, default=None, help="DCNv2 upsampling")
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)

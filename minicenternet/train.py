@@ -2,7 +2,7 @@
 
 One process, one device::
 
-    minicenternet train                       # shapes, ResNet-18, defaults for this device
+    minicenternet train                       # shapes; hourglass-small on a CPU, ResNet-18 on CUDA
     minicenternet train --data /path/to/coco --epochs 140 --batch-size 32
 
 The paper trains at 512x512 with Adam, batch 128, lr 5e-4, 140 epochs with 10x drops at epochs
@@ -223,7 +223,7 @@ def _settle_length(cfg, state, loader, source, val_src, device, amp: AmpChoice, 
     """``cfg`` with its epochs and pre-training steps fixed: as given, as the resumed run planned
     them, or planned now to the budget. A planned run whose multi-scale test would take more than
     :data:`~minicenternet.budget.MAX_EVAL_SHARE` of the budget tests at scale 1 only (flip kept):
-    on a slow CPU those minutes train better than they test."""
+    there those minutes train better than they test."""
     if cfg.epochs is None and state is not None:
         stored = state["train_config"]
         return replace(
@@ -244,7 +244,7 @@ def _settle_length(cfg, state, loader, source, val_src, device, amp: AmpChoice, 
         if cfg.arch in TRUNKS and plan.epochs < FEW_EPOCHS:
             print(
                 f"{cfg.arch} affords only {plan.epochs:g} epochs here, too few to learn the classes; "
-                f"--arch hourglass-small takes a fraction of its step time and learns them in fewer epochs (benchmarks/README.md)",
+                f"hourglass-small, the CPU default, takes a fraction of its step time and learns them in fewer epochs (benchmarks/README.md)",
                 flush=True,
             )
         cfg = replace(cfg, epochs=plan.epochs, pretrain_steps=plan.pretrain_steps)

@@ -86,9 +86,11 @@ FAKE_COSTS = Costs(train_step=400.0, pretrain_step=100.0, evaluation=571.0)
 
 
 def _planned_config(tiny_shapes, out, amp, **overrides):
+    """The CPU preset on the tiny set, planned to 50 minutes; ResNet-18 (the CPU default has no
+    trunk to pre-train) unless ``overrides`` name another arch."""
     return default_config(
         "cpu", data=str(tiny_shapes), out=str(out), input_size=64, batch_size=4, amp=amp, budget_minutes=50.0,
-        **overrides,
+        **{"arch": "resnet18", **overrides},
     )
 
 
@@ -117,6 +119,18 @@ def test_the_plan_and_its_command_for_each_precision_choice(tiny_shapes, tmp_pat
     assert command.split(": ", 1)[1] == command_line(settled, enabled)
 
 
+def test_the_cpu_default_spends_no_time_on_pretraining(tiny_shapes, tmp_path, monkeypatch):
+    """hourglass-small, the CPU default, has no classification trunk: the 2279 s left (minus the
+    start-up, under a minute) all go to epochs of 2 steps x 400 s: 2.8 epochs would round to 6
+    steps (2400 s), over, so the plan takes 2.7 (5 steps)."""
+    monkeypatch.setattr(train_module, "_measure", lambda *args: FAKE_COSTS)
+    cfg = _planned_config(tiny_shapes, tmp_path, False, arch=default_config("cpu").arch)
+    settled, text = _settled(cfg)
+    assert (settled.arch, settled.epochs, settled.pretrain_steps) == ("hourglass-small", 2.7, 0)
+    assert "2.7 epochs (5 steps x 400.000 s, 0.0 s per epoch to save) + trunk pre-training 0 steps" in text
+    assert "affords only" not in text
+
+
 def _settled(cfg, state=None):
     """``cfg`` after :func:`_settle_length`, and what it printed."""
     train_src, val_src, _ = train_module._datasets(cfg)
@@ -131,7 +145,7 @@ def _settled(cfg, state=None):
 
 
 def test_a_test_too_dear_for_the_budget_drops_its_extra_scales(tiny_shapes, tmp_path, monkeypatch):
-    """The 3-scale test measured at 571 s is 19 % of a 50-minute budget, above MAX_EVAL_SHARE: the run
+    """The 3-scale test measured at 750 s is 25 % of a 50-minute budget, above MAX_EVAL_SHARE: the run
     tests at scale 1 (measured again, 150 s) and plans with that. 150 s and the reserve leave 2700 s
     minus the start-up s (under a minute); pre-training floor(0.12 * (2700 - s) / 100) = 3 steps;
     (2400 - s) / 800 rounds down to 2.9 epochs, whose 6 steps end 2850 + s seconds in, past the
@@ -140,23 +154,23 @@ def test_a_test_too_dear_for_the_budget_drops_its_extra_scales(tiny_shapes, tmp_
 
     def fake_measure(cfg, source, val_src, device, amp, test_config, test_images):
         measured.append(test_config["scales"])
-        return replace(FAKE_COSTS, evaluation=571.0 if len(test_config["scales"]) > 1 else 150.0)
+        return replace(FAKE_COSTS, evaluation=750.0 if len(test_config["scales"]) > 1 else 150.0)
 
     monkeypatch.setattr(train_module, "_measure", fake_measure)
     cfg = _planned_config(tiny_shapes, tmp_path, False)
-    assert cfg.eval_scales == (0.75, 1.0, 1.25) and 571 / 3000 > MAX_EVAL_SHARE
+    assert cfg.eval_scales == (0.75, 1.0, 1.25) and 750 / 3000 > MAX_EVAL_SHARE
     settled, text = _settled(cfg)
     assert measured == [(0.75, 1.0, 1.25), (1.0,)]
     assert settled.eval_scales == (1.0,) and settled.eval_flip
     assert (settled.epochs, settled.pretrain_steps) == (2.7, 3)
-    assert "the 3-scale test would take ~571 s (19% of the budget): testing at scale 1 only" in text
+    assert "the 3-scale test would take ~750 s (25% of the budget): testing at scale 1 only" in text
     assert "+ evaluation ~150 s" in text
-    assert "resnet18 affords only 2.7 epochs here" in text and "--arch hourglass-small" in text
+    assert "resnet18 affords only 2.7 epochs here" in text and "hourglass-small, the CPU default," in text
     assert "affords only" not in _settled(replace(cfg, arch="dla-small"))[1]  # not a ResNet: no advice
     command = next(line for line in text.splitlines() if line.startswith("the same run without planning: "))
     assert " --eval-scales 1 " in command
     # a test within the share keeps its scales; a run with its epochs given is never re-planned
-    monkeypatch.setattr(train_module, "_measure", lambda *args: replace(FAKE_COSTS, evaluation=299.0))
+    monkeypatch.setattr(train_module, "_measure", lambda *args: replace(FAKE_COSTS, evaluation=599.0))
     assert _settled(cfg)[0].eval_scales == (0.75, 1.0, 1.25)
     monkeypatch.setattr(train_module, "_measure", lambda *args: pytest.fail("an explicit epochs must not plan"))
     assert _settled(replace(cfg, epochs=2.0))[0].eval_scales == (0.75, 1.0, 1.25)
@@ -233,7 +247,8 @@ def test_settings_the_command_line_cannot_set_are_named(tiny_shapes, tmp_path, m
 
 def test_measure_times_real_steps(tiny_shapes, tmp_path):
     """The real measurement on the tiny set: positive costs, evaluation scaled to the val images."""
-    cfg = default_config("cpu", data=str(tiny_shapes), out=str(tmp_path), input_size=64, batch_size=4, amp=False)
+    cfg = default_config("cpu", arch="resnet18", data=str(tiny_shapes), out=str(tmp_path), input_size=64, batch_size=4,
+                         amp=False)
     source_train, source_val, _ = train_module._datasets(cfg)
     test_config = {"input_size": None, "flip": True, "scales": (1.0,), "pad_variant": "minimal", "amp": False}
     state = torch.random.get_rng_state()

@@ -46,7 +46,7 @@ def trained(tiny_shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli_run")
     argv = [
         "train", "--data", str(tiny_shapes), "--epochs", "1", "--input-size", "64", "--batch-size", "2",
-        "--out", str(out), "--device", "cpu", "--no-dcn", "--pretrain-steps", "2",
+        "--out", str(out), "--device", "cpu", "--arch", "resnet18", "--no-dcn", "--pretrain-steps", "2",
     ]
     return out, _run(argv)
 
@@ -189,6 +189,23 @@ def _config_of(monkeypatch, argv: list[str]):
     monkeypatch.setattr(train_module, "train", lambda cfg, resume=False: seen.setdefault("cfg", cfg) and stub)
     _run(["train", *argv])
     return seen["cfg"]
+
+
+def test_the_main_job_is_the_small_hourglass_on_a_cpu_and_resnet18_on_cuda(monkeypatch):
+    """With no flags a CPU plans an hourglass-small run with nothing to pre-train (it has no
+    classification trunk); CUDA keeps the paper's ResNet-18 with its ImageNet trunk."""
+    import minicenternet.train as train_module
+
+    monkeypatch.setattr(train_module, "train", lambda cfg, resume=False: pytest.fail("only the first line is wanted"))
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), pytest.raises(pytest.fail.Exception):
+        main(["train", "--device", "cpu"])
+    assert buffer.getvalue().startswith(
+        "training hourglass-small CenterNet on the shapes dataset: epochs planned to a 15-minute budget, batch 16, "
+        "128x128, lr 0.0005, trunk pre-training none, device cpu"
+    )
+    cpu, cuda = default_config("cpu"), default_config("cuda")
+    assert (cpu.arch, cpu.epochs, cuda.arch, cuda.epochs, cuda.pretrained) == ("hourglass-small", None, "resnet18", 140, True)
 
 
 def test_paper_presets_from_the_command_line(monkeypatch):

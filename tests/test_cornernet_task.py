@@ -157,7 +157,9 @@ def test_cornernet_defaults_and_command_line():
     assert (cfg.arch, cfg.batch_size, cfg.lr, cfg.epochs, cfg.pretrained) == ("hourglass104", 49, 2.5e-4, 207, False)
     assert cfg.lr_drops == (186 / 207,)
     line = command_line(default_config("cpu", task="cornernet", epochs=2.0, pretrain_steps=0), False)
-    assert "--arch hourglass-small --task cornernet" in line
+    assert line.startswith("minicenternet train --task cornernet --device cpu")  # hourglass-small is the CPU default
+    line = command_line(default_config("cpu", task="cornernet", arch="hourglass104", epochs=2.0, pretrain_steps=0), False)
+    assert "--arch hourglass104 --task cornernet" in line
 
 
 def test_cornernet_needs_an_hourglass_on_the_command_line(capsys):

@@ -78,7 +78,10 @@ def check_same_model(stored: dict[str, Any], wanted: dict[str, Any], path: str |
         for key in MODEL_KEYS if stored.get(key) != wanted.get(key)
     ]
     if differences:
-        raise ValueError(f"{path}: the checkpoint holds a different model: {'; '.join(differences)}")
+        raise ValueError(
+            f"{path}: the checkpoint holds a different model: {'; '.join(differences)} "
+            f"(resume with the settings it was trained with: --arch {stored.get('arch')} --task {stored['task']})"
+        )
 
 
 def rng_state() -> dict[str, Any]:

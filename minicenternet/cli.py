@@ -281,7 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument(
         "--pretrain-steps", type=_positive(int, allow_zero=True),
-        help="steps of classification pre-training of the trunk on object crops (0: none; CPU default: planned, at most 300)",
+        help="steps of classification pre-training of a ResNet trunk on object crops (0: none; CPU default: planned, at most 300)",
     )
     train.add_argument(
         "--pretrained", type=_pretrained,
@@ -294,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
         help="test scales of the validations and the final test (CPU default: 0.75 1 1.25, or 1 alone where "
         "that test would take more than a fifth of a planned run's budget)",
     )
-    train.add_argument("--dcn", action=argparse.BooleanOptionalAction, default=None, help="DCNv2 upsampling")
+    train.add_argument("--dcn", action=argparse.BooleanOptionalAction, default=None, help="DCNv2 upsampling (ResNet and DLA; the Hourglass has none)")
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help=AMP_HELP)
     train.add_argument(
         "--sync-bn", action=argparse.BooleanOptionalAction, default=None,

@@ -10,13 +10,14 @@ import torch
 
 from .device import default_device
 from .models import CORNERNET_ARCHS, input_multiple
+from .models.resnet import TRUNKS
 
 __all__ = [
     "PRETRAIN_STEPS", "TrainConfig", "default_config", "Preset", "PRESETS", "preset_config", "command_line",
     "config_only_settings", "check_config",
 ]
 
-PRETRAIN_STEPS = 300  # trunk pre-training steps of the CPU preset (at most, when planned to a budget)
+PRETRAIN_STEPS = 300  # trunk pre-training steps of a ResNet in the CPU preset (at most, when planned to a budget)
 
 
 @dataclass
@@ -117,13 +118,13 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
 
     * CUDA: the paper's ResNet-18 setting: ImageNet trunk weights (torchvision's), 512x512, DCN,
       Adam with the paper's lr 5e-4 for batch 128 scaled linearly to batch 32 (1.25e-4), 140
-      epochs, AMP.
+      epochs, AMP. Another ``arch`` starts from scratch unless ``pretrained`` names a file.
     * CPU (and MPS): a run planned to finish within 15 minutes, first-use dataset drawing
       included, on whatever CPU it meets, on ``"hourglass-small"``: the paper's Hourglass (two
-      stacks, intermediate supervision) with fewer channels and three levels instead of five,
-      1.0 M parameters. Within the same minutes it scored higher than ResNet-18 on both kinds of
-      CPU, and on one without native bf16, where its step takes a third of ResNet-18's, ResNet-18
-      does not get through enough epochs to learn the classes. 128x128 input (evaluation
+      stacks, intermediate supervision) with fewer channels and three levels instead of five.
+      Within the same minutes it scored higher than ResNet-18 on CPUs with and without native
+      bf16: its step is much cheaper, and without native bf16 ResNet-18 does not get through
+      enough epochs to learn the classes. 128x128 input (evaluation
       is still at the original 256x256), batch 16, Adam 5e-4 (fused kernel) after a 100-step
       warm-up with 10x drops at 85 % and 95 % of the run (later than the paper's fractions: the
       classes are still being learnt at the full rate), flips but no random crops or colour
@@ -133,9 +134,10 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
       three of its five test scales (0.75, 1, 1.25) merged by soft-NMS, without the reference's
       extra padding (``eval_pad="minimal"``: the model never saw that black frame in training);
       scale 1 only where that test would take more than a fifth of the budget.
-      With ``arch="resnet18"`` (or another ResNet / DLA) the same preset uses plain 3x3 convs
-      instead of DCN (in one run each, DCN ended lower within the budget, even with the native
-      DCN of :mod:`minicenternet.models.dcn`), transposed convolutions initialised as true
+      The preset also holds what a ResNet or DLA given as ``arch`` needs (the Hourglass has no
+      DCN and no transposed convolution, and ignores them): plain 3x3 convs instead of DCN (in
+      one run each, DCN ended lower within the budget, even with the native DCN of
+      :mod:`minicenternet.models.dcn`), the ResNet's transposed convolutions initialised as true
       bilinear upsamplers (``up_init="identity"``) and, for a ResNet, a trunk first pre-trained
       as a classifier of the training objects (:mod:`minicenternet.pretrain`, standing in for
       the paper's ImageNet start). The measurements behind each choice are in
@@ -148,8 +150,8 @@ def default_config(device: torch.device | str | None = None, **overrides) -> Tra
     device = torch.device(device) if device is not None else default_device()
     if overrides.get("task") == "cornernet" and device.type == "cuda":
         return preset_config("cornernet-hourglass104-coco", device, **overrides)
-    if device.type == "cuda":
-        cfg = TrainConfig(pretrained=True, device=str(device))
+    if device.type == "cuda":  # torchvision's ImageNet weights exist for the ResNet trunks only
+        cfg = TrainConfig(pretrained=overrides.get("arch", "resnet18") in TRUNKS, device=str(device))
     else:
         cfg = TrainConfig(
             arch="hourglass-small", input_size=128, epochs=None, batch_size=16, lr=5e-4, warmup_iters=100, dcn=False, up_init="identity",
@@ -266,11 +268,16 @@ def command_line(cfg: TrainConfig, amp: bool) -> str:
 def check_config(cfg: TrainConfig, processes: int = 1, resuming: bool = False) -> None:
     """Raise a ``ValueError`` naming the first setting of ``cfg`` that cannot run, before any data
     is drawn or read (the command line reports it as a usage error): a CornerNet on a backbone
-    other than the Hourglass, an input side that is not a multiple of the backbone's, ``sync_bn``
+    other than the Hourglass, torchvision's ImageNet weights for a backbone other than a ResNet, an input side that is not a multiple of the backbone's, ``sync_bn``
     off CUDA, and under ``torchrun`` (``processes > 1``) a run without epochs (the budget planner
     times one process; a resumed run has its own) or a global batch that does not divide."""
     if cfg.task == "cornernet" and cfg.arch not in CORNERNET_ARCHS:
         raise ValueError(f"--task cornernet needs an Hourglass backbone ({', '.join(CORNERNET_ARCHS)}), not {cfg.arch}")
+    if cfg.pretrained is True and cfg.arch not in TRUNKS:
+        raise ValueError(
+            f"--pretrained imagenet: torchvision has ImageNet weights for {' and '.join(TRUNKS)} only, not {cfg.arch}; "
+            "pass --arch resnet18, or a local weights file (--pretrained FILE)"
+        )
     multiple = input_multiple(cfg.arch)
     if cfg.input_size % multiple:
         raise ValueError(f"--input-size {cfg.input_size}: {cfg.arch} needs a multiple of {multiple}")

@@ -11,8 +11,8 @@ the drops sit at the same fractions of any run length (90/140 and 120/140), afte
 warm-up.
 
 On a CPU the run is sized to a wall-clock budget instead of a number of epochs
-(:mod:`minicenternet.budget`): it measures one training step, one pre-training step and the
-evaluation on this machine, plans the epochs to fit, and prints the plan with the command line
+(:mod:`minicenternet.budget`): it measures one training step, the evaluation and, for a ResNet,
+one trunk pre-training step on this machine, plans the epochs to fit, and prints the plan with the command line
 that repeats it without planning.
 
 ``task="cornernet"`` (``minicenternet train --task cornernet``) trains CornerNet on an Hourglass
@@ -244,7 +244,8 @@ def _settle_length(cfg, state, loader, source, val_src, device, amp: AmpChoice, 
         if cfg.arch in TRUNKS and plan.epochs < FEW_EPOCHS:
             print(
                 f"{cfg.arch} affords only {plan.epochs:g} epochs here, too few to learn the classes; "
-                f"hourglass-small, the CPU default, takes a fraction of its step time and learns them in fewer epochs (benchmarks/README.md)",
+                f"--arch hourglass-small (the CPU default) takes a fraction of its step time and learns them in fewer epochs "
+                f"(benchmarks/README.md)",
                 flush=True,
             )
         cfg = replace(cfg, epochs=plan.epochs, pretrain_steps=plan.pretrain_steps)

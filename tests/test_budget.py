@@ -165,7 +165,7 @@ def test_a_test_too_dear_for_the_budget_drops_its_extra_scales(tiny_shapes, tmp_
     assert (settled.epochs, settled.pretrain_steps) == (2.7, 3)
     assert "the 3-scale test would take ~750 s (25% of the budget): testing at scale 1 only" in text
     assert "+ evaluation ~150 s" in text
-    assert "resnet18 affords only 2.7 epochs here" in text and "hourglass-small, the CPU default," in text
+    assert "resnet18 affords only 2.7 epochs here" in text and "--arch hourglass-small (the CPU default)" in text
     assert "affords only" not in _settled(replace(cfg, arch="dla-small"))[1]  # not a ResNet: no advice
     command = next(line for line in text.splitlines() if line.startswith("the same run without planning: "))
     assert " --eval-scales 1 " in command
@@ -204,20 +204,22 @@ def test_a_planned_run_follows_its_plan(tiny_shapes, tmp_path, monkeypatch):
     assert (tmp_path / "planned" / "trunk_pretrained.pt").is_file()
 
 
-def test_the_printed_command_repeats_the_planned_run(tiny_shapes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch, max_pretrain_steps, length", [("resnet18", 300, (2.5, 2)), ("hourglass-small", 0, (2.7, 0))])
+def test_the_printed_command_repeats_the_planned_run(tiny_shapes, tmp_path, monkeypatch, arch, max_pretrain_steps, length):
     """Planning measures on throwaway models and a throwaway loader and restores the RNG: the
-    printed command, run with no planning, ends with the same weights. The measurement is real
-    here; only the plan is fixed, so the test does not depend on this machine's speed."""
-    fixed = plan_run(3000, 0, FAKE_COSTS, steps_per_epoch=2, max_pretrain_steps=300)
-    assert (fixed.epochs, fixed.pretrain_steps) == (2.5, 2)
+    printed command, run with no planning, ends with the same weights, for a ResNet (its arch on
+    the command line, pre-training) and for the CPU default (no --arch, none). The measurement is
+    real here; only the plan is fixed, so the test does not depend on this machine's speed."""
+    fixed = plan_run(3000, 0, FAKE_COSTS, steps_per_epoch=2, max_pretrain_steps=max_pretrain_steps)
+    assert (fixed.epochs, fixed.pretrain_steps) == length
     monkeypatch.setattr(train_module, "plan_run", lambda *args, **kwargs: fixed)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        train(_planned_config(tiny_shapes, tmp_path / "planned", False), progress=False)
+        train(_planned_config(tiny_shapes, tmp_path / "planned", False, arch=arch), progress=False)
     line = next(x for x in printed.getvalue().splitlines() if x.startswith("the same run without planning: "))
     assert "(and in TrainConfig" not in line  # everything this run sets has a flag
     argv = shlex.split(line.split(": ", 1)[1])
-    assert argv[:2] == ["minicenternet", "train"]
+    assert argv[:2] == ["minicenternet", "train"] and ("--arch" in argv) == (arch != default_config("cpu").arch)
     argv = argv[1:]
     argv[argv.index("--out") + 1] = str(tmp_path / "repeat")
     monkeypatch.setattr(train_module, "_measure", lambda *args: pytest.fail("an explicit --epochs must not plan"))
@@ -225,7 +227,8 @@ def test_the_printed_command_repeats_the_planned_run(tiny_shapes, tmp_path, monk
         main(argv)
     planned = load_checkpoint(tmp_path / "planned" / "last.pt")
     repeat = load_checkpoint(tmp_path / "repeat" / "last.pt")
-    assert (repeat["train_config"]["epochs"], repeat["train_config"]["pretrain_steps"]) == (2.5, 2)
+    assert (repeat["train_config"]["epochs"], repeat["train_config"]["pretrain_steps"]) == length
+    assert repeat["model_config"]["arch"] == arch
     for name, value in planned["model"].items():
         assert torch.equal(value, repeat["model"][name]), name
 
@@ -256,6 +259,9 @@ def test_measure_times_real_steps(tiny_shapes, tmp_path):
     costs = train_module._measure(cfg, source_train, source_val, torch.device("cpu"), off, test_config, 0)
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
     assert costs.train_step > 0 and costs.pretrain_step > 0 and costs.per_epoch > 0
+    no_trunk = train_module._measure(replace(cfg, arch="hourglass-small"), source_train, source_val, torch.device("cpu"),
+                                     off, test_config, 0)
+    assert no_trunk.pretrain_step == 0.0 and no_trunk.train_step > 0  # nothing to pre-train, nothing timed
     assert not list(tmp_path.glob(".planning*"))  # the checkpoint and curves written to time them are gone
     assert costs.evaluation > len(source_val) * train_module.COCOEVAL_SECONDS_PER_IMAGE
     # validating every second epoch adds half an evaluation to every epoch

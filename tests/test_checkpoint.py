@@ -103,6 +103,7 @@ def test_check_same_model_names_every_difference():
     for part in ("arch 'resnet18' in the checkpoint, 'hourglass-small' here", "task 'centernet' in the checkpoint, "
                  "'cornernet' here", "num_classes 5 in the checkpoint, 80 here"):
         assert part in message
+    assert message.endswith("(resume with the settings it was trained with: --arch resnet18 --task centernet)")
     assert "dcn" not in message
 
 

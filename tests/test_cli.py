@@ -175,7 +175,7 @@ def test_pretrained_argument(tmp_path):
     parse = lambda *v: _parser().parse_args(["train", "--pretrained", *v]).pretrained  # noqa: E731
     assert parse("imagenet") is True and parse("none") is False and parse(str(weights)) == str(weights)
     assert default_config("cuda").pretrained is True and default_config("cpu").pretrained is False
-    cfg = default_config("cpu", epochs=1.0, pretrain_steps=0, pretrained=True)
+    cfg = default_config("cpu", arch="resnet18", epochs=1.0, pretrain_steps=0, pretrained=True)
     assert "--pretrained imagenet" in command_line(cfg, False)
 
 
@@ -206,6 +206,7 @@ def test_the_main_job_is_the_small_hourglass_on_a_cpu_and_resnet18_on_cuda(monke
     )
     cpu, cuda = default_config("cpu"), default_config("cuda")
     assert (cpu.arch, cpu.epochs, cuda.arch, cuda.epochs, cuda.pretrained) == ("hourglass-small", None, "resnet18", 140, True)
+    assert default_config("cuda", arch="dla34").pretrained is False  # no torchvision weights to start from
 
 
 def test_paper_presets_from_the_command_line(monkeypatch):
@@ -267,6 +268,9 @@ def test_bad_command_lines_fail_before_any_data(monkeypatch):
     assert "multiple of 32" in _fails(["train", "--input-size", "100"], 2)
     assert "hourglass104 needs a multiple of 128" in _fails(["train", "--arch", "hourglass104", "--input-size", "96"], 2)
     assert "invalid choice: 'resnet50'" in _fails(["train", "--arch", "resnet50"], 2)
+    assert "ImageNet weights for resnet18 and resnet101 only, not hourglass-small" in _fails(
+        ["train", "--device", "cpu", "--pretrained", "imagenet"], 2
+    )
     assert "--batch-size" in _fails(["train", "--batch-size", "0"], 2)
     assert "--epochs" in _fails(["train", "--epochs", "-3"], 2)
     assert "unknown device 'tpu'" in _fails(["train", "--device", "tpu"], 2)

@@ -245,7 +245,7 @@ def _settle_length(cfg, state, loader, source, val_src, device, amp: AmpChoice, 
             print(
                 f"{cfg.arch} affords only {plan.epochs:g} epochs here, too few to learn the classes; "
                 f"--arch hourglass-small (the CPU default) takes a fraction of its step time and learns them in fewer epochs "
-                f"(benchmarks/README.md)",
+                "(benchmarks/README.md)",
                 flush=True,
             )
         cfg = replace(cfg, epochs=plan.epochs, pretrain_steps=plan.pretrain_steps)
